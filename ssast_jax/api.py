@@ -1,0 +1,90 @@
+"""The public entry points: model handles, encoding, pretext losses, PyTorch interchange."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ssast_jax import conversion, losses
+from ssast_jax.model import SSAST, ModelConfig
+
+
+@dataclasses.dataclass
+class ModelHandle:
+  """A model: its `config`, the NNX `graphdef` and parameter `state`, and `extras` (the
+  unused timm head tensors of an imported checkpoint, written back on export)."""
+  config: ModelConfig
+  graphdef: nnx.GraphDef
+  state: nnx.State
+  extras: dict = dataclasses.field(default_factory=dict)
+
+  @property
+  def params(self) -> dict:
+    """Parameters as a nested dict of arrays (the layout `conversion` reads and writes)."""
+    return nnx.to_pure_dict(self.state)
+
+  @property
+  def module(self) -> SSAST:
+    return nnx.merge(self.graphdef, self.state)
+
+
+def abstract_model(config: ModelConfig):
+  """(graphdef, abstract parameter state) of `config`, without allocating parameters."""
+  return nnx.split(nnx.eval_shape(lambda: SSAST(config, nnx.Rngs(0))), nnx.Param)
+
+
+def create_model(config: ModelConfig, seed: int = 0) -> ModelHandle:
+  """A freshly initialised model (the original's initialisation, SPEC section 8)."""
+  graphdef, state = nnx.split(SSAST(config, nnx.Rngs(seed)), nnx.Param)
+  return ModelHandle(config, graphdef, state)
+
+
+def handle_from_params(config: ModelConfig, params: dict, extras=None) -> ModelHandle:
+  graphdef, state = abstract_model(config)
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+  return ModelHandle(config, graphdef, state, dict(extras or {}))
+
+
+def from_pytorch(path) -> ModelHandle:
+  """Reads an original SSAST pretraining checkpoint (`.pth`, float32 or float16, with or
+  without the `module.` prefix); the geometry is inferred from the tensors."""
+  config, params, extras = conversion.read_checkpoint(path)
+  return handle_from_params(config, params, extras)
+
+
+def to_pytorch(model: ModelHandle, path) -> None:
+  """Writes `model` in exactly the original's layout (SPEC section 9), loadable by the
+  original fine-tuning code."""
+  conversion.write_checkpoint(model.params, model.config, path, model.extras)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode(graphdef, state, x, mask):
+  return nnx.merge(graphdef, state).encode(x, mask)
+
+
+def encode(model: ModelHandle, x, mask=None) -> jax.Array:
+  """Final-norm outputs `(B, N + 2, D)` of a normalised batch `x` `(B, T, F)`; `mask` is
+  `(B, M)` patch indices or None."""
+  mask = None if mask is None else jnp.asarray(mask, jnp.int32)
+  return _encode(model.graphdef, model.state, jnp.asarray(x, jnp.float32), mask)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=('task', 'paper_infonce'))
+def _pretext_losses(graphdef, state, x, mpc_mask, mpg_mask, task, paper_infonce):
+  return losses.pretext_losses(nnx.merge(graphdef, state), x, mpc_mask, mpg_mask, task=task,
+                               paper_infonce=paper_infonce)
+
+
+def pretext_losses(model: ModelHandle, x, mpc_mask, mpg_mask, *, task='pretrain_joint',
+                   paper_infonce=False) -> dict:
+  """`mpc_acc`, `mpc_loss`, `mpg_loss` and `loss` (= mpc + 10 * mpg for the joint task)
+  as Python floats, with the two masks given `(B, M)`."""
+  out = _pretext_losses(model.graphdef, model.state, jnp.asarray(x, jnp.float32),
+                        jnp.asarray(mpc_mask, jnp.int32), jnp.asarray(mpg_mask, jnp.int32),
+                        task=task, paper_infonce=paper_infonce)
+  return {k: float(v) for k, v in out.items()}
