@@ -25,30 +25,30 @@ def masked_outputs(encoded: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def infonce(predictions: jax.Array, targets: jax.Array, paper_infonce: bool = False):
-  """MPC InfoNCE loss and accuracy over the masked patches of each clip.
+  """MPC InfoNCE loss and accuracy per clip, `(B,)` each, over its masked patches.
 
   With `S[a, b] = <target_a, prediction_b>` per clip, the original normalises each row
   (over predictions for a target); `paper_infonce=True` normalises each column instead, as
   the paper's equation (1) is written. Accuracy is the original's in both cases: softmax over
   rows, then for each column the argmax over rows must be the column's own index.
-  Returns float32 `(loss, accuracy)`.
+  Returns float32 `(loss, accuracy)`, each `(B,)`.
   """
   scores = jnp.einsum('bak,bck->bac', targets.astype(jnp.float32),
                       predictions.astype(jnp.float32))
   num_masked = scores.shape[-1]
   axis = -2 if paper_infonce else -1
   log_probs = jax.nn.log_softmax(scores, axis=axis)
-  loss = -jnp.mean(jnp.diagonal(log_probs, axis1=-2, axis2=-1))
+  loss = -jnp.mean(jnp.diagonal(log_probs, axis1=-2, axis2=-1), axis=-1)
   # softmax's row normalisation changes which row wins a column, so argmax after it.
   best_target = jnp.argmax(jax.nn.softmax(scores, axis=-1), axis=-2)
-  accuracy = jnp.mean(best_target == jnp.arange(num_masked))
+  accuracy = jnp.mean(best_target == jnp.arange(num_masked), axis=-1)
   return loss, accuracy.astype(jnp.float32)
 
 
 def mse(predictions: jax.Array, targets: jax.Array) -> jax.Array:
-  """MPG loss: mean squared error over clips, masked patches and patch values."""
+  """MPG loss per clip `(B,)`: mean squared error over its masked patches and values."""
   diff = predictions.astype(jnp.float32) - targets.astype(jnp.float32)
-  return jnp.mean(diff * diff)
+  return jnp.mean(diff * diff, axis=(-2, -1))
 
 
 def mpc_head_input(hidden: jax.Array, mpc_trains_encoder: bool) -> jax.Array:
@@ -60,13 +60,13 @@ def mpc_head_input(hidden: jax.Array, mpc_trains_encoder: bool) -> jax.Array:
 
 def mpc_loss(model: SSAST, x: jax.Array, mask: jax.Array, paper_infonce: bool = False,
              mpc_trains_encoder: bool = False):
-  """Masked patch classification: one forward pass with `mask`. Returns (loss, accuracy)."""
+  """Masked patch classification, one forward pass with `mask`: per-clip (loss, accuracy)."""
   hidden = mpc_head_input(masked_outputs(model.encode(x, mask), mask), mpc_trains_encoder)
   return infonce(model.cpred(hidden), gather_patches(model.patches(x), mask), paper_infonce)
 
 
 def mpg_loss(model: SSAST, x: jax.Array, mask: jax.Array) -> jax.Array:
-  """Masked patch generation (reconstruction): one forward pass with `mask`."""
+  """Masked patch generation (reconstruction), one forward pass with `mask`: per clip."""
   hidden = masked_outputs(model.encode(x, mask), mask)
   return mse(model.gpred(hidden), gather_patches(model.patches(x), mask))
 
@@ -75,7 +75,7 @@ def joint_one_pass(model: SSAST, x: jax.Array, mask: jax.Array, paper_infonce: b
                    mpc_trains_encoder: bool = False):
   """Both heads on one forward pass with one mask: a cheaper recipe than the original's.
 
-  Returns (mpc_loss, mpc_accuracy, mpg_loss).
+  Returns per-clip (mpc_loss, mpc_accuracy, mpg_loss).
   """
   hidden = masked_outputs(model.encode(x, mask), mask)
   targets = gather_patches(model.patches(x), mask)
@@ -87,14 +87,23 @@ def joint_one_pass(model: SSAST, x: jax.Array, mask: jax.Array, paper_infonce: b
 def pretext_losses(model: SSAST, x: jax.Array, mpc_mask: jax.Array | None,
                    mpg_mask: jax.Array | None, *, task: str = 'pretrain_joint',
                    paper_infonce: bool = False, joint_passes: int = 2,
-                   mpc_trains_encoder: bool = False) -> dict:
+                   mpc_trains_encoder: bool = False, per_clip: bool = False) -> dict:
   """The losses of `task` on a normalised batch `x` `(B, T, F)`.
 
   `pretrain_joint` with `joint_passes=2` is the original: two forward passes with the two
   independent masks, `loss = mpc_loss + 10 * mpg_loss`. With `joint_passes=1` both heads
-  read one pass with `mpc_mask`. `mpc_trains_encoder`: see `mpc_head_input`. Keys absent from a task are 0. Values are float32 scalars.
+  read one pass with `mpc_mask`. `mpc_trains_encoder`: see `mpc_head_input`. Keys absent
+  from a task are 0. Values are float32 means over the batch, or `(B,)` with `per_clip`
+  (every clip has the same number of masked patches, so their mean is the batch value).
   """
-  zero = jnp.zeros((), jnp.float32)
+  out = _per_clip_losses(model, x, mpc_mask, mpg_mask, task, paper_infonce, joint_passes,
+                         mpc_trains_encoder)
+  return out if per_clip else {k: jnp.mean(v) for k, v in out.items()}
+
+
+def _per_clip_losses(model, x, mpc_mask, mpg_mask, task, paper_infonce, joint_passes,
+                     mpc_trains_encoder) -> dict:
+  zero = jnp.zeros((x.shape[0],), jnp.float32)
   if task == 'pretrain_mpc':
     nce, accuracy = mpc_loss(model, x, mpc_mask, paper_infonce, mpc_trains_encoder)
     return {'loss': nce, 'mpc_loss': nce, 'mpc_acc': accuracy, 'mpg_loss': zero}

@@ -1,0 +1,52 @@
+"""Export a training run's parameters in the original PyTorch layout.
+
+python -m ssast_jax.export --workdir W --out model.pth [--which best|latest]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import ml_collections
+
+from ssast_jax import api, checkpoints
+from ssast_jax.train import model_config
+from ssast_jax.train_step import init_state
+
+
+def export(workdir: str, out: str, which: str = 'best') -> int:
+  """Writes the `which` checkpoint of `workdir` to `out`; returns its step."""
+  config = ml_collections.ConfigDict(checkpoints.read_config(workdir))
+  mcfg = model_config(config)
+  mngr = checkpoints.manager(workdir, config.task, config.keep_checkpoints)
+  try:
+    step = mngr.best_step() if which == 'best' else mngr.latest_step()
+    if step is None:
+      raise FileNotFoundError(f'{checkpoints.checkpoint_dir(workdir)}: no checkpoint to export')
+    abstract = jax.eval_shape(lambda: init_state(mcfg, config.seed, config.lr))
+    state, _ = checkpoints.restore(mngr, step, abstract)
+  finally:
+    mngr.close()
+  graphdef, _ = api.abstract_model(mcfg)
+  api.to_pytorch(api.ModelHandle(mcfg, graphdef, state['params']), out)
+  return step
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(prog='python -m ssast_jax.export',
+                                   description=__doc__.split('\n\n')[0])
+  parser.add_argument('--workdir', required=True, help='the training run directory')
+  parser.add_argument('--out', required=True, help='the .pth file to write')
+  parser.add_argument('--which', choices=('best', 'latest'), default='best',
+                      help='best validation checkpoint (default) or the latest')
+  args = parser.parse_args(argv)
+  try:
+    step = export(args.workdir, args.out, args.which)
+  except (FileNotFoundError, ValueError) as e:
+    raise SystemExit(f'error: {e}') from None
+  print(f'wrote {args.out} from the {args.which} checkpoint (step {step}) of {args.workdir}')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,128 @@
+"""The jitted training and evaluation steps, and the training state they update.
+
+The state is a pytree `{step, params, opt_state, lr, nonfinite_step}`. Masks are drawn
+inside the step from keys derived from (seed, step, pass, global example index), so a step
+computes the same thing however the batch is split over devices and processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from ssast_jax import losses, masking, schedule
+from ssast_jax.model import SSAST, ModelConfig
+
+ADAM_BETAS = (0.95, 0.999)
+ADAM_EPS = 1e-8
+WEIGHT_DECAY = 5e-7  # L2 added to the gradient (PyTorch Adam), not decoupled AdamW
+# Purposes a mask key is drawn for; evaluation keys use the validation batch index as step.
+MPC_PASS, MPG_PASS, EVAL_MPC_PASS, EVAL_MPG_PASS = 0, 1, 2, 3
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+  """The static (hashable) part of the config that the jitted steps read."""
+  seed: int
+  task: str
+  patch_grid: tuple[int, int]
+  mask_patch: int
+  eval_mask_patch: int
+  mask_mode: str
+  cluster_factor: int
+  paper_infonce: bool
+  joint_passes: int
+  mpc_trains_encoder: bool
+  lr: float
+  warmup: bool
+
+
+def optimizer() -> optax.GradientTransformation:
+  """PyTorch's Adam with weight decay, without the learning rate (applied by the step)."""
+  return optax.chain(optax.add_decayed_weights(WEIGHT_DECAY),
+                     optax.scale_by_adam(*ADAM_BETAS, eps=ADAM_EPS))
+
+
+def init_state(model_config: ModelConfig, seed: int, lr: float) -> dict:
+  """A fresh training state (call under jit/eval_shape to place or describe it)."""
+  params = nnx.state(SSAST(model_config, nnx.Rngs(seed)), nnx.Param)
+  return {'step': jnp.zeros((), jnp.int32), 'params': params,
+          'opt_state': optimizer().init(params), 'lr': jnp.asarray(lr, jnp.float32),
+          'nonfinite_step': jnp.full((), -1, jnp.int32)}
+
+
+def example_keys(seed, step, purpose, batch_size: int) -> jax.Array:
+  """One key per global example of a batch, from (seed, step, purpose, example index)."""
+  base = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), purpose)
+  return jax.vmap(jax.random.fold_in, (None, 0))(base, jnp.arange(batch_size))
+
+
+def draw_masks(keys, patch_grid, num_masked, mode, cluster_factor):
+  return masking.masks_from_keys(keys, patch_grid, num_masked, mode, cluster_factor)
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'settings'), donate_argnums=0)
+def train_step(state: dict, fbank: jax.Array, *, graphdef, settings) -> tuple[dict, dict]:
+  """One optimiser step on a global batch `fbank` `(B, T, F)`; returns (state, metrics).
+
+  `settings` is a hashable `StepSettings`. A step whose loss or gradient is not finite
+  leaves parameters and optimiser state unchanged and records its index in
+  `nonfinite_step` (the first one), which the host checks.
+  """
+  s = settings
+  step = state['step']
+  batch = fbank.shape[0]
+  mpc_mask = draw_masks(example_keys(s.seed, step, MPC_PASS, batch), s.patch_grid,
+                        s.mask_patch, s.mask_mode, s.cluster_factor)
+  mpg_mask = draw_masks(example_keys(s.seed, step, MPG_PASS, batch), s.patch_grid,
+                        s.mask_patch, s.mask_mode, s.cluster_factor)
+
+  def loss_fn(params):
+    out = losses.pretext_losses(nnx.merge(graphdef, params), fbank, mpc_mask, mpg_mask,
+                                task=s.task, paper_infonce=s.paper_infonce,
+                                joint_passes=s.joint_passes,
+                                mpc_trains_encoder=s.mpc_trains_encoder)
+    return out['loss'], out
+
+  (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+  lr = schedule.warmup_lr(step, state['lr'], s.lr, s.warmup)
+  updates, opt_state = optimizer().update(grads, state['opt_state'], state['params'])
+  params = jax.tree.map(lambda p, u: p - lr * u, state['params'], updates)
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(grad_norm)
+  keep_if_finite = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+  new_state = {
+      'step': step + 1,
+      'params': keep_if_finite(params, state['params']),
+      'opt_state': keep_if_finite(opt_state, state['opt_state']),
+      'lr': lr,
+      'nonfinite_step': jnp.where((state['nonfinite_step'] < 0) & ~finite, step,
+                                  state['nonfinite_step'])}
+  metrics = {**metrics, 'lr': lr, 'grad_norm': grad_norm}
+  return new_state, metrics
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'settings'))
+def eval_step(params, fbank, valid, batch_index, *, graphdef, settings) -> dict:
+  """Sums over the valid clips of a validation batch: MPC correct/loss, MPG loss, count.
+
+  Masks come from a fixed key and the clip's position, so every evaluation of a run sees
+  the same masks.
+  """
+  s = settings
+  batch = fbank.shape[0]
+  keys = [example_keys(s.seed, batch_index, purpose, batch)
+          for purpose in (EVAL_MPC_PASS, EVAL_MPG_PASS)]
+  mpc_mask, mpg_mask = (draw_masks(k, s.patch_grid, s.eval_mask_patch, s.mask_mode,
+                                   s.cluster_factor) for k in keys)
+  out = losses.pretext_losses(nnx.merge(graphdef, params), fbank, mpc_mask, mpg_mask,
+                              task=s.task, paper_infonce=s.paper_infonce, per_clip=True)
+  weight = valid.astype(jnp.float32)
+  sums = {k: jnp.sum(v * weight) for k, v in out.items()}
+  sums['count'] = jnp.sum(weight)
+  return sums
