@@ -36,7 +36,7 @@ def _flags(dataset, workdir, **overrides):
             'data.shards_dir': os.path.join(os.path.dirname(dataset['train_json']), 'shards'),
             'data.target_length': 64, 'data.num_mel_bins': 64, 'data.mean': -7.0,
             'data.std': 2.5, 'model.size': 'tiny', 'model.depth': 1, 'mask_patch': 6,
-            'eval_mask_patch': 6, 'batch_size': 8, 'lr': 1e-3, 'warmup': False,
+            'eval_mask_patch': 6, 'batch_size': 8, 'lr': 1e-4, 'warmup': False,
             'num_epochs': 2, 'epoch_iter': 8, 'checkpoint_every_steps': 3,
             'print_every_steps': 1, 'keep_checkpoints': 2}
   config.update(overrides)
@@ -87,7 +87,7 @@ def reference_run(dataset, tmp_path_factory):
 def test_run_logs_evaluates_and_checkpoints(reference_run):
   rows = _rows(reference_run)
   losses = _train_losses(reference_run)
-  assert sorted(losses) == list(range(1, 17))  # 2 epochs of 72 clips / 8 = 9 -> 8 steps
+  assert sorted(losses) == list(range(1, 19))  # 2 epochs of 72 clips in batches of 8
   evals = [r for r in rows if 'eval/mpc_acc' in r]
   assert [r['step'] for r in evals] == [0, 8, 16]
   assert all(0 <= r['eval/mpc_acc'] <= 1 and r['eval/mpg_loss'] > 0 for r in evals)
@@ -116,7 +116,7 @@ def test_sigkill_and_resume_is_bit_identical(dataset, reference_run, tmp_path):
     time.sleep(0.05)
   process.send_signal(signal.SIGKILL)
   process.wait()
-  assert len(_train_losses(workdir)) < 16, 'the run finished before it could be killed'
+  assert len(_train_losses(workdir)) < 18, 'the run finished before it could be killed'
   _run(args)
   assert _rows(workdir) == _rows(reference_run)
   np.testing.assert_array_equal(_flat(_final_params(workdir, tmp_path)),
@@ -134,8 +134,24 @@ def test_eight_devices_match_one(dataset, reference_run, tmp_path):
   assert sorted(one) == sorted(eight)
   np.testing.assert_allclose([eight[s] for s in sorted(one)], [one[s] for s in sorted(one)],
                              rtol=1e-5)
-  np.testing.assert_allclose(_flat(_final_params(workdir, tmp_path)),
-                             _flat(_final_params(reference_run, tmp_path)), atol=1e-5)
+  _assert_params_close(_final_params(workdir, tmp_path), _final_params(reference_run, tmp_path))
+
+
+def _assert_params_close(got, expected):
+  """Equal up to float summation order, which differs between device counts.
+
+  Adam turns rounding noise into full-size steps wherever the exact gradient is (near) 0:
+  cpred's output bias and every key bias have exactly zero gradient (a shared shift cancels
+  in a softmax), and a few other elements almost so. Those drift apart by a few learning
+  rates; every other element agrees to 2e-6.
+  """
+  got_leaves = jax.tree_util.tree_leaves_with_path(got)
+  expected_leaves = jax.tree.leaves(expected)
+  for (path, a), b in zip(got_leaves, expected_leaves):
+    a, b = np.asarray(a), np.asarray(b)
+    assert np.linalg.norm(a - b) <= 1e-2 * np.linalg.norm(b) + 1e-3, jax.tree_util.keystr(path)
+  far = np.abs(_flat(got) - _flat(expected)) > 2e-6
+  assert far.mean() < 1e-3, far.sum()
 
 
 def _free_port():
@@ -156,8 +172,10 @@ def test_two_processes_match_one(dataset, reference_run, tmp_path):
     assert p.returncode == 0, err[-4000:]
   assert outputs[1][0] == ''  # only process 0 prints
   one, two = _train_losses(reference_run), _train_losses(workdir)
+  assert sorted(one) == sorted(two)
   np.testing.assert_allclose([two[s] for s in sorted(one)], [one[s] for s in sorted(one)],
                              rtol=1e-5)
+  _assert_params_close(_final_params(workdir, tmp_path), _final_params(reference_run, tmp_path))
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(dataset, tmp_path):

@@ -1,0 +1,71 @@
+"""Default pretraining config: the users' `run.py --task pretrain_joint` command.
+
+The files under configs/ start from `get_config()` and change what differs, so every
+default lives here once. README.md maps each `run.py` flag to its key and describes every
+key.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """SSAST-Base-Patch-400 joint pretraining with the seed run's data statistics."""
+  config = ml_collections.ConfigDict()
+
+  config.data = ml_collections.ConfigDict()
+  config.data.demo = False  # True: generate the built-in demo set under WORKDIR/demo_data
+  # The original's inputs: JSON manifests {"data": [{"wav": ...}, ...]} and .pt folders,
+  # converted to shards on first use ...
+  config.data.train_json = ''
+  config.data.train_pt_dir = ''
+  config.data.val_json = ''
+  config.data.val_pt_dir = ''
+  config.data.label_csv = ''  # accepted for run.py parity; pretraining uses no labels
+  # ... or shards converted earlier: SHARDS_DIR/train and SHARDS_DIR/val.
+  config.data.shards_dir = ''
+  config.data.shard_dtype = 'float16'
+  # Normalisation (fbank - mean) / (2 * std); None takes the value from the shard manifest.
+  config.data.mean = config_dict.FieldReference(-7.4482, field_type=float)
+  config.data.std = config_dict.FieldReference(2.4689, field_type=float)
+  config.data.target_length = 1024
+  config.data.num_mel_bins = 128
+  config.data.random_crop = False
+  # Grain worker processes; 0 loads in the training process, which keeps up because JAX
+  # dispatches steps asynchronously and a batch is only a few MB read from the shards.
+  config.data.workers = 0
+
+  config.model = ml_collections.ConfigDict()
+  config.model.size = 'base'
+  config.model.depth = config_dict.placeholder(int)  # None: the size's 12 blocks
+  config.model.fshape = 16
+  config.model.tshape = 16
+  config.model.fstride = 16
+  config.model.tstride = 16
+
+  config.task = 'pretrain_joint'
+  config.mask_patch = 400
+  config.mask_mode = ''  # '': frame masking when num_mel_bins == fshape, else cluster
+  config.cluster_factor = 3
+  config.eval_mask_patch = 400
+  config.paper_infonce = False
+  # False (the original, per its reference gradients): the MPC loss trains the cpred head
+  # only; True: it also trains the encoder.
+  config.mpc_trains_encoder = False
+  config.joint_passes = 2
+
+  config.batch_size = 12  # global, over all devices and processes
+  config.lr = 1e-4
+  config.num_epochs = 20
+  config.epoch_iter = 2000
+  config.lr_patience = 1
+  config.warmup = True
+  config.max_steps = config_dict.placeholder(int)
+
+  config.checkpoint_every_steps = 1000
+  config.keep_checkpoints = 3
+  config.print_every_steps = 50
+  config.seed = 0
+  config.nan_policy = 'stop'
+  config.dtype = 'float32'
+  return config

@@ -1,0 +1,231 @@
+"""check_config: every configs/ file passes, every bad value fails naming its key; main.py."""
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from ssast_jax import config_checks
+from ssast_jax.config_checks import ConfigError, check_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = ('pretrain_joint', 'pretrain_mpc', 'pretrain_mpg', 'pretrain_joint_frame', 'demo')
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'configs', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.fixture(name='data_dir')
+def fixture_data_dir(tmp_path):
+  """Original-style data: JSON manifests and .pt folders for both splits."""
+  for split in ('train', 'val'):
+    (tmp_path / f'{split}_pt').mkdir()
+    (tmp_path / f'{split}.json').write_text(
+        json.dumps({'data': [{'wav': f'{split}/a.wav', 'labels': '/m/09x0r'},
+                             {'wav': f'{split}/b.wav', 'labels': '/m/09x0r'}]}))
+  return tmp_path
+
+
+def _set(config, dotted_key, value):
+  *parents, leaf = dotted_key.split('.')
+  for parent in parents:
+    config = config[parent]
+  config[leaf] = value
+
+
+def _config(data_dir, name='pretrain_joint', **overrides):
+  """A config with valid data paths; overrides use '__' for '.' in keys."""
+  config = _load(name)
+  for split in ('train', 'val'):
+    _set(config, f'data.{split}_json', str(data_dir / f'{split}.json'))
+    _set(config, f'data.{split}_pt_dir', str(data_dir / f'{split}_pt'))
+  for key, value in overrides.items():
+    _set(config, key.replace('__', '.'), value)
+  return config
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_every_config_passes_with_valid_data(data_dir, name):
+  check_config(_config(data_dir, name))
+
+
+def test_demo_config_needs_no_data_paths():
+  config = _load('demo')
+  assert config.data.demo and config.data.train_json == '' and config.data.mean is None
+  check_config(config)
+
+
+@pytest.mark.parametrize('name, grid, mode', [
+    ('pretrain_joint', (8, 64), 'cluster'), ('pretrain_mpg', (8, 64), 'cluster'),
+    ('pretrain_joint_frame', (1, 512), 'frame'), ('demo', (8, 16), 'cluster'),
+])
+def test_patch_grid_and_mask_mode(name, grid, mode):
+  config = _load(name)
+  assert config_checks.patch_grid(config) == grid
+  assert config_checks.resolved_mask_mode(config) == mode
+
+
+def test_empty_mask_mode_resolves_to_frame_for_frame_models():
+  config = _load('pretrain_joint_frame')
+  config.mask_mode = ''
+  assert config_checks.resolved_mask_mode(config) == 'frame'
+
+
+def test_config_defaults_are_the_users_run():
+  config = _load('pretrain_joint')
+  assert (config.data.mean, config.data.std, config.data.target_length,
+          config.data.num_mel_bins) == (-7.4482, 2.4689, 1024, 128)
+  assert (config.model.size, config.task, config.mask_patch, config.cluster_factor,
+          config.num_epochs, config.batch_size, config.lr, config.epoch_iter,
+          config.lr_patience) == ('base', 'pretrain_joint', 400, 3, 20, 12, 1e-4, 2000, 1)
+  assert config.max_steps is None and config.model.depth is None and not config.data.demo
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'task': 'ft_cls'}, "task must be one of 'pretrain_joint', 'pretrain_mpc', "
+                         "'pretrain_mpg'; got 'ft_cls'"),
+    ({'model__size': 'base384'}, "model.size must be one of 'tiny', 'small', 'base'"),
+    ({'model__depth': 0}, 'model.depth must be an integer >= 1; got 0'),
+    ({'model__fstride': 10}, 'model.fstride is 10 but pretraining needs it equal to '
+                             'model.fshape (16)'),
+    ({'model__tstride': 8}, 'model.tstride is 8 but pretraining needs it equal to '
+                            'model.tshape (16)'),
+    ({'model__fshape': 256, 'model__fstride': 256, 'model__tshape': 1, 'model__tstride': 1},
+     'model.fshape 256 is larger than the input: data.num_mel_bins is 128'),
+    ({'data__target_length': 8}, 'model.tshape 16 is larger than the input: '
+                                 'data.target_length is 8'),
+    ({'model__fshape': 8, 'model__fstride': 8}, 'model.fshape x model.tshape is 8 x 16 = 128'),
+    ({'mask_patch': 511}, 'mask_patch is 511: cluster masking on a 8x64 patch grid needs '
+                          '1 <= masked patches <= 510'),
+    ({'mask_patch': 0}, 'mask_patch must be an integer >= 1; got 0'),
+    ({'eval_mask_patch': 600}, 'eval_mask_patch is 600: cluster masking'),
+    ({'mask_patch': 513, 'mask_mode': 'frame'}, 'mask_patch is 513: frame masking on a 8x64 '
+                                                'patch grid needs 1 <= masked patches <= 512'),
+    ({'mask_mode': 'random'}, "mask_mode must be one of '', 'cluster', 'cluster_uniform', "
+                              "'frame'; got 'random'"),
+    ({'cluster_factor': 0}, 'cluster_factor must be an integer >= 1; got 0'),
+    ({'joint_passes': 3}, 'joint_passes must be one of 1, 2; got 3'),
+    ({'batch_size': 0}, 'batch_size must be an integer >= 1; got 0'),
+    ({'lr': 0.0}, 'lr must be a positive number; got 0.0'),
+    ({'lr': -1e-4}, 'lr must be a positive number; got -0.0001'),
+    ({'num_epochs': 0}, 'num_epochs must be an integer >= 1; got 0'),
+    ({'epoch_iter': 0}, 'epoch_iter must be an integer >= 1; got 0'),
+    ({'lr_patience': -1}, 'lr_patience must be an integer >= 0; got -1'),
+    ({'max_steps': 0}, 'max_steps must be an integer >= 1; got 0'),
+    ({'checkpoint_every_steps': 0}, 'checkpoint_every_steps must be an integer >= 1; got 0'),
+    ({'keep_checkpoints': 0}, 'keep_checkpoints must be an integer >= 1; got 0'),
+    ({'print_every_steps': 0}, 'print_every_steps must be an integer >= 1; got 0'),
+    ({'nan_policy': 'ignore'}, "nan_policy must be one of 'stop', 'skip'; got 'ignore'"),
+    ({'dtype': 'float16'}, "dtype must be one of 'float32', 'bfloat16'; got 'float16'"),
+    ({'data__std': 0.0}, 'data.std must be a positive number; got 0.0'),
+    ({'data__std': -2.0}, 'data.std must be a positive number; got -2.0'),
+    ({'data__mean': float('nan')}, 'data.mean must be a finite number or None; got nan'),
+    ({'data__shard_dtype': 'int8'}, "data.shard_dtype must be one of 'float16', 'float32'"),
+    ({'data__workers': -1}, 'data.workers must be an integer >= 0; got -1'),
+])
+def test_bad_values_name_their_key(data_dir, overrides, message):
+  with pytest.raises(ConfigError) as error:
+    check_config(_config(data_dir, **overrides))
+  assert str(error.value).startswith(message)
+  assert '\n' not in str(error.value)
+
+
+def test_frame_masking_allows_every_patch(data_dir):
+  check_config(_config(data_dir, mask_patch=512, mask_mode='frame'))
+  check_config(_config(data_dir, mask_patch=510))  # cluster: N - 2
+
+
+def _write(path, text):
+  path.write_text(text)
+  return str(path)
+
+
+@pytest.mark.parametrize('key, make_value, message', [
+    ('data.train_json', lambda d: str(d / 'missing.json'), 'data.train_json: file not found: '),
+    ('data.train_json', lambda d: _write(d / 'bad.json', '{"data": ['),
+     'data.train_json: cannot read '),
+    ('data.train_pt_dir', lambda d: str(d / 'nowhere'), 'data.train_pt_dir: not a directory: '),
+    ('data.val_json', lambda d: '', 'data.val_json is empty: give the validation JSON'),
+    ('data.val_pt_dir', lambda d: '', 'data.val_pt_dir is empty: give the folder of validation'),
+    ('data.label_csv', lambda d: str(d / 'labels.csv'), 'data.label_csv: file not found: '),
+])
+def test_bad_data_paths_name_their_key(data_dir, key, make_value, message):
+  config = _config(data_dir)
+  _set(config, key, make_value(data_dir))
+  with pytest.raises(ConfigError, match='^' + re.escape(message)):
+    check_config(config)
+
+
+@pytest.mark.parametrize('text, detail', [
+    ('[{"wav": "a"}]', 'has no "data" list'),
+    ('{"data": []}', 'lists no clips'),
+    ('{"data": [{"wav": "a"}, {"x": 1}]}', 'entry 1 of "data" is not an object with a "wav"'),
+])
+def test_manifest_json_problems(data_dir, text, detail):
+  config = _config(data_dir, data__val_json=_write(data_dir / 'v.json', text))
+  with pytest.raises(ConfigError, match=r'^data\.val_json: .*/v\.json.*' + re.escape(detail)):
+    check_config(config)
+
+
+def test_shards_dir(tmp_path):
+  config = _load('pretrain_joint')
+  config.data.shards_dir = str(tmp_path)
+  (tmp_path / 'train').mkdir()
+  (tmp_path / 'train' / 'manifest.json').write_text('{}')
+  with pytest.raises(ConfigError, match=r'^data\.shards_dir: no converted validation shards: '
+                                        r'.*/val/manifest\.json does not exist'):
+    check_config(config)
+  (tmp_path / 'val').mkdir()
+  (tmp_path / 'val' / 'manifest.json').write_text('{}')
+  check_config(config)
+  assert config_checks.split_shards_dir(str(tmp_path), 'val') == str(tmp_path / 'val')
+
+
+def test_shards_dir_with_sources_is_a_conversion_target(data_dir, tmp_path):
+  config = _config(data_dir, data__shards_dir=str(tmp_path / 'not_yet_converted'))
+  check_config(config)
+  config.data.val_pt_dir = ''
+  with pytest.raises(ConfigError, match=r'^data\.val_pt_dir is empty'):
+    check_config(config)
+
+
+def _run_main(*args, env=None):
+  return subprocess.run([sys.executable, os.path.join(ROOT, 'main.py'), *args],
+                        capture_output=True, text=True, cwd=ROOT, env=env, check=False)
+
+
+def test_main_reports_a_config_error_in_one_line(tmp_path):
+  result = _run_main('--config=configs/pretrain_joint.py', f'--workdir={tmp_path}',
+                     '--config.model.fstride=10')
+  assert result.returncode == 2
+  assert result.stderr.splitlines() == [
+      'error: model.fstride is 10 but pretraining needs it equal to model.fshape (16): '
+      'patches must not overlap']
+
+
+def test_main_reports_an_unknown_key_in_one_line(tmp_path):
+  result = _run_main('--config=configs/pretrain_joint.py', f'--workdir={tmp_path}',
+                     '--config.data.train_jsn=x')
+  assert result.returncode == 2
+  assert result.stderr.splitlines() == [
+      'error: --config: unknown config key \'train_jsn\' Did you mean "train_json" instead '
+      'of "train_jsn"?']
+
+
+def test_main_cluster_detection_counts_slurm_tasks():
+  code = 'import main; print(main._cluster_process_count())'
+  base = {k: v for k, v in os.environ.items() if not k.startswith(('SLURM_', 'OMPI_'))}
+  slurm = {'SLURM_JOB_ID': '123', 'SLURM_STEP_NODELIST': 'node[001-002]',
+           'SLURM_NTASKS': '4', 'SLURM_PROCID': '1', 'SLURM_LOCALID': '1'}
+  counts = [subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                           cwd=ROOT, env=env, check=True).stdout.strip()
+            for env in (base, {**base, **slurm})]
+  assert counts == ['1', '4']
