@@ -197,3 +197,45 @@ def test_incompatible_resume_is_refused(dataset, reference_run):
   result = _run(_flags(dataset, reference_run, lr=5e-4, mask_patch=5), check=False)
   assert result.returncode == 2
   assert 'differing keys: lr, mask_patch' in result.stderr
+
+
+def _start(args):
+  return subprocess.Popen([sys.executable, str(ROOT / 'main.py')] + args, env=_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_steps(workdir, count):
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    if (workdir / 'metrics.jsonl').exists() and len(_train_losses(workdir)) >= count:
+      return
+    time.sleep(0.02)
+  raise AssertionError(f'{workdir}: fewer than {count} steps logged in 300 s')
+
+
+def test_sigterm_saves_and_exits_then_resumes_identically(dataset, reference_run, tmp_path):
+  workdir = tmp_path / 'terminated'
+  args = _flags(dataset, workdir)
+  process = _start(args)
+  _wait_for_steps(workdir, 4)
+  process.send_signal(signal.SIGTERM)
+  out, err = process.communicate(timeout=300)
+  assert process.returncode == 0, err[-3000:]
+  saved = int(out.split('SIGTERM: saved the checkpoint at step ')[1].split(';')[0])
+  assert saved < 18 and (workdir / 'checkpoints' / str(saved)).is_dir()
+  _run(args)
+  assert _rows(workdir) == _rows(reference_run)
+
+
+def test_damaged_latest_checkpoint_is_skipped(dataset, reference_run, tmp_path):
+  workdir = tmp_path / 'damaged'
+  args = _flags(dataset, workdir, max_steps=10)
+  _run(args)
+  steps = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+  assert steps[-1] == 10
+  for path in (workdir / 'checkpoints' / '10' / 'state').rglob('*'):
+    if path.is_file():
+      path.write_bytes(b'')
+  result = _run(_flags(dataset, workdir))
+  assert 'checkpoint at step 10 is incomplete or damaged' in result.stderr
+  assert _rows(workdir) == _rows(reference_run)
