@@ -1,10 +1,28 @@
-"""ssast-jax: SSAST (Self-Supervised Audio Spectrogram Transformer) in JAX/Flax."""
+"""ssast-jax: SSAST (Self-Supervised Audio Spectrogram Transformer) in JAX/Flax.
 
-from ssast_jax import masking
-from ssast_jax.api import (ModelHandle, create_model, encode, from_pytorch, pretext_losses,
-                           to_pytorch)
-from ssast_jax.conversion import CheckpointError
-from ssast_jax.model import ModelConfig
+The public names are imported on first use, so that `python -m ssast_jax.data.*` tools and
+their worker processes start without loading JAX.
+"""
 
-__all__ = ['CheckpointError', 'ModelConfig', 'ModelHandle', 'create_model', 'encode',
-           'from_pytorch', 'masking', 'pretext_losses', 'to_pytorch']
+import importlib
+
+_PUBLIC = {
+    'CheckpointError': 'ssast_jax.conversion',
+    'ModelConfig': 'ssast_jax.model',
+    'ModelHandle': 'ssast_jax.api',
+    'create_model': 'ssast_jax.api',
+    'encode': 'ssast_jax.api',
+    'from_pytorch': 'ssast_jax.api',
+    'pretext_losses': 'ssast_jax.api',
+    'to_pytorch': 'ssast_jax.api',
+}
+
+__all__ = sorted(_PUBLIC) + ['masking']
+
+
+def __getattr__(name):
+  if name == 'masking':
+    return importlib.import_module('ssast_jax.masking')
+  if name in _PUBLIC:
+    return getattr(importlib.import_module(_PUBLIC[name]), name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
