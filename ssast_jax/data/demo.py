@@ -53,12 +53,14 @@ def _tilt(bins, num_bins, exponent):
 
 
 def _harmonic(rng, t, bins, num_bins):
-  f0 = rng.uniform(150, 600) * (1 + rng.uniform(0.02, 0.05)
+  """A harmonic tone over the whole clip: 11 partials of random strength, mild vibrato."""
+  f0 = rng.uniform(100, 900) * (1 + rng.uniform(0.005, 0.015)
                                 * np.sin(2 * np.pi * rng.uniform(4, 7) * t / _FRAME_RATE))
-  k = np.arange(1, 9)
+  k = np.arange(1, 12)
   centers = _hz_to_bin(np.minimum(f0[:, None] * k, _MAX_HZ), num_bins)
-  ridges = np.exp(-0.5 * ((bins - centers[..., None]) / 0.8) ** 2) / k[None, :, None]
-  return ridges.sum(1) * _span(rng, t.size)[:, None]
+  strengths = rng.uniform(0.2, 1.0, k.size)
+  ridges = strengths[None, :, None] * np.exp(-0.5 * ((bins - centers[..., None]) / 0.8) ** 2)
+  return ridges.sum(1)
 
 
 def _chirp(rng, t, bins, num_bins):
@@ -100,14 +102,21 @@ _GENERATORS = (_harmonic, _chirp, _noise_burst, _onsets, _formant_sweep)
 
 
 def synthesize_clip(rng: np.random.Generator, length: int, num_mel_bins: int):
-  """Returns a float32 (length, num_mel_bins) log-mel-like fbank and its label ids."""
+  """Returns a float32 (length, num_mel_bins) log-mel-like fbank and its label ids.
+
+  Every clip has a bed of two or three harmonic tones lasting the whole clip, so a masked
+  patch is predictable from the visible patches of its frequency band and patches of
+  different bands differ; one or two other sound types vary it over time.
+  """
   t, bins = np.arange(length, dtype=np.float64), np.arange(num_mel_bins, dtype=np.float64)
-  power = 2e-3 * _tilt(bins, num_mel_bins, 0.7) * rng.lognormal(0.0, 0.6,
+  power = 2e-3 * _tilt(bins, num_mel_bins, 0.7) * rng.lognormal(0.0, 0.3,
                                                                  (length, num_mel_bins))
-  kinds = rng.choice(len(_GENERATORS), size=rng.integers(1, 4), replace=False)
-  for kind in kinds:
-    power += 10.0 ** rng.uniform(-2.2, -0.2) * _GENERATORS[kind](rng, t, bins, num_mel_bins)
-  labels = ",".join(SOUND_TYPES[k][0] for k in sorted(kinds))
+  for _ in range(rng.integers(2, 4)):
+    power += 10.0 ** rng.uniform(-1.5, -0.3) * _harmonic(rng, t, bins, num_mel_bins)
+  others = 1 + rng.choice(len(_GENERATORS) - 1, size=rng.integers(1, 3), replace=False)
+  for kind in others:
+    power += 10.0 ** rng.uniform(-2.0, -0.5) * _GENERATORS[kind](rng, t, bins, num_mel_bins)
+  labels = ",".join(SOUND_TYPES[k][0] for k in [0, *sorted(others)])
   return np.log(power).astype(np.float32), labels
 
 
