@@ -65,7 +65,7 @@ def test_demo_config_needs_no_data_paths():
 
 @pytest.mark.parametrize('name, grid, mode', [
     ('pretrain_joint', (8, 64), 'cluster'), ('pretrain_mpg', (8, 64), 'cluster'),
-    ('pretrain_joint_frame', (1, 512), 'frame'), ('demo', (8, 16), 'cluster'),
+    ('pretrain_joint_frame', (1, 512), 'frame'), ('demo', (8, 16), 'frame'),
 ])
 def test_patch_grid_and_mask_mode(name, grid, mode):
   config = _load(name)
