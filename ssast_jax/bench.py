@@ -2,9 +2,12 @@
 
 python -m ssast_jax.bench --config=configs/pretrain_joint.py [--config.x=y ...] --steps=N
 
-Synthetic batches, no data loading. FLOPs and memory come from XLA's analysis of the
-compiled step; the peak is a large matmul of the step's dtype measured in the same run.
-The last line printed is a JSON object.
+Synthetic batches, no data loading. FLOPs (model work; see `model_flops`) and memory come
+from XLA's analysis of the compiled step, per device (the program XLA partitioned over the
+mesh); the peak is a large matmul of the step's dtype on one device, measured in the same
+run.
+`--steps=0` compiles without running or allocating (memory of big configs). The last line
+printed is a JSON object.
 """
 
 from __future__ import annotations
@@ -20,15 +23,12 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from flax import nnx
-
 from ssast_jax import config_checks
-from ssast_jax.model import SSAST
-from ssast_jax.train import make_mesh, model_config, step_settings
-from ssast_jax.train_step import init_state, train_step
+from ssast_jax.train import step_setup
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.')
-_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps after warm-up.')
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps after warm-up; 0: compile only and '
+                              'report FLOPs and memory.')
 _WARMUP = flags.DEFINE_integer('warmup_steps', 2, 'Untimed steps after compilation.')
 flags.mark_flags_as_required(['config'])
 
@@ -54,27 +54,59 @@ def peak_memory_bytes(compiled) -> int:
              - m.alias_size_in_bytes)
 
 
+def batch_shape(config) -> tuple[int, int, int]:
+  return (config.batch_size, config.data.target_length, config.data.num_mel_bins)
+
+
+def compile_step(config):
+  """(setup, compiled step) of `config`, lowered from shapes only: nothing is allocated."""
+  setup = step_setup(config)
+  abstract_batch = jax.ShapeDtypeStruct(batch_shape(config), jnp.float32,
+                                        sharding=setup.batch_sharding)
+  return setup, setup.step.lower(setup.abstract_state, abstract_batch).compile()
+
+
+def model_flops(config, compiled, log=print) -> float:
+  """FLOPs of the step's model work, from XLA's cost analysis of the compiled step.
+
+  XLA counts a loop's body once, and remat (a loop over blocks) and gradient accumulation
+  (a loop over micro-batches) compile to loops; for them the count is that of the same
+  step compiled without either, which also leaves out remat's recomputation, as MFU
+  should.
+  """
+  if not config.remat and config.grad_accum_steps == 1:
+    return float(compiled.cost_analysis()['flops'])
+  plain = config.copy_and_resolve_references()
+  plain.remat, plain.grad_accum_steps = False, 1
+  log('compiling the step without remat and accumulation to count its FLOPs ...')
+  return float(compile_step(plain)[1].cost_analysis()['flops'])
+
+
 def benchmark(config, steps: int, warmup_steps: int = 2, log=print) -> dict:
+  """Compiles the training step of `config` exactly as training does (mesh, shardings,
+  accumulation, remat, dtype) and times `steps` steps; `steps=0` only compiles, without
+  allocating the state, so the memory of configs too big to run can be read."""
   config_checks.check_config(config, check_data=False)
-  mcfg, settings = model_config(config), step_settings(config)
-  mesh = make_mesh()
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: SSAST(mcfg, nnx.Rngs(0))))
-  state = jax.jit(lambda: init_state(mcfg, config.seed, config.lr), out_shardings=replicated)()
-  shape = (config.batch_size, config.data.target_length, config.data.num_mel_bins)
-  batch = jax.device_put(np.random.default_rng(0).normal(size=shape).astype(np.float32),
-                         batch_sharding)
-  step = jax.jit(train_step.__wrapped__, static_argnames=('graphdef', 'settings'),
-                 donate_argnums=0)
   log('compiling the training step ...')
   start = time.perf_counter()
-  compiled = step.lower(state, batch, graphdef=graphdef, settings=settings).compile()
+  setup, compiled = compile_step(config)
   compile_s = time.perf_counter() - start
-  flops = float(compiled.cost_analysis()['flops'])
+  flops = model_flops(config, compiled, log)
+  result = {'flops_per_step': flops, 'peak_memory_bytes': peak_memory_bytes(compiled),
+            'compile_s': compile_s, 'batch_size': config.batch_size,
+            'grad_accum_steps': config.grad_accum_steps, 'remat': config.remat,
+            'remat_policy': config.remat_policy if config.remat else None,
+            'dtype': config.dtype, 'mesh': dict(setup.mesh.shape),
+            'devices': jax.device_count(), 'platform': jax.devices()[0].platform}
+  if steps == 0:
+    return result
+  state = setup.init()
+  batch = jax.device_put(
+      np.random.default_rng(0).normal(size=batch_shape(config)).astype(np.float32),
+      setup.batch_sharding)
   for _ in range(warmup_steps):
     state, metrics = compiled(state, batch)
-  jax.block_until_ready(metrics)
+  jax.block_until_ready(state)
   times = []
   for i in range(steps):
     start = time.perf_counter()
@@ -85,17 +117,17 @@ def benchmark(config, steps: int, warmup_steps: int = 2, log=print) -> dict:
   step_s = statistics.median(times)
   peak = matmul_peak_flops(jnp.dtype(config.dtype))
   return {'step_s': step_s, 'clips_per_s': config.batch_size / step_s,
-          'flops_per_step': flops, 'achieved_flops': flops / step_s,
-          'matmul_peak_flops': peak, 'mfu': flops / step_s / peak,
-          'peak_memory_bytes': peak_memory_bytes(compiled), 'compile_s': compile_s,
-          'batch_size': config.batch_size, 'devices': jax.device_count(),
-          'platform': jax.devices()[0].platform}
+          'achieved_flops': flops / step_s, 'matmul_peak_flops': peak,
+          'mfu': flops / step_s / peak, **result}
 
 
 def main(argv):
   del argv
-  result = benchmark(_CONFIG.value, _STEPS.value, _WARMUP.value,
-                     log=lambda m: print(m, file=sys.stderr, flush=True))
+  try:
+    result = benchmark(_CONFIG.value, _STEPS.value, _WARMUP.value,
+                       log=lambda m: print(m, file=sys.stderr, flush=True))
+  except config_checks.ConfigError as error:
+    raise SystemExit(f'error: {error}') from None
   print(json.dumps(result))
 
 

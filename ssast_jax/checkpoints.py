@@ -16,11 +16,13 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 CONFIG_FILE = 'config.json'
-# Keys that may change between a run and its resumption: they do not alter the trajectory.
+# Keys that may change between a run and its resumption: they change the run's length, its
+# logging, where the data are read from, or (like the device count) float rounding only.
 RESUMABLE_CHANGES = frozenset({
     'max_steps', 'num_epochs', 'checkpoint_every_steps', 'keep_checkpoints',
     'print_every_steps', 'profile_steps', 'data.train_json', 'data.train_pt_dir',
-    'data.val_json', 'data.val_pt_dir', 'data.label_csv', 'data.shards_dir'})
+    'data.val_json', 'data.val_pt_dir', 'data.label_csv', 'data.shards_dir', 'fsdp',
+    'remat', 'remat_policy', 'grad_accum_steps'})
 
 
 def checkpoint_dir(workdir: str) -> str:

@@ -16,7 +16,7 @@ import os
 
 from ssast_jax import masking
 from ssast_jax.data.shards import MANIFEST_NAME, STORED_DTYPES
-from ssast_jax.model import MODEL_SIZES, patch_count
+from ssast_jax.model import MODEL_SIZES, REMAT_POLICIES, patch_count
 
 TASKS = ('pretrain_joint', 'pretrain_mpc', 'pretrain_mpg')
 PRED_DIM = 256  # the original's pretext heads output 256 values per patch
@@ -133,6 +133,46 @@ def _check_training(config) -> None:
   _require_choice('nan_policy', config.nan_policy, NAN_POLICIES)
 
 
+def _check_scale(config) -> None:
+  _require(config.remat in (True, False), f'remat must be True or False; got {config.remat!r}')
+  _require_choice('remat_policy', config.remat_policy, REMAT_POLICIES)
+  _require_int('fsdp', config.fsdp, 1)
+  _require_int('grad_accum_steps', config.grad_accum_steps, 1)
+  _require(config.batch_size % config.grad_accum_steps == 0,
+           f'batch_size {config.batch_size} is not divisible by grad_accum_steps '
+           f'{config.grad_accum_steps}')
+  profile_range(config)
+
+
+def profile_range(config) -> tuple[int, int] | None:
+  """(first, last) training steps to trace from `profile_steps` 'FIRST,LAST' or 'STEP'
+  (steps numbered from 1, as logged), or None when it is empty."""
+  text = config.profile_steps
+  _require(isinstance(text, str), f'profile_steps must be a string such as "10,15"; '
+           f'got {text!r}')
+  if not text.strip():
+    return None
+  parts = text.split(',')
+  message = (f'profile_steps must be "FIRST,LAST" or "STEP" with 1 <= FIRST <= LAST; '
+             f'got {text!r}')
+  _require(len(parts) in (1, 2) and all(p.strip().isdigit() for p in parts), message)
+  first, last = int(parts[0]), int(parts[-1])
+  _require(1 <= first <= last, message)
+  return first, last
+
+
+def check_devices(config, device_count: int) -> None:
+  """Raises ConfigError when `fsdp` or the batch do not split over `device_count` devices."""
+  _require(device_count % config.fsdp == 0,
+           f'fsdp is {config.fsdp}, which does not divide the {device_count} devices')
+  micro_batch = config.batch_size // config.grad_accum_steps
+  _require(micro_batch % device_count == 0,
+           f'batch_size / grad_accum_steps = {config.batch_size} / {config.grad_accum_steps}'
+           f' = {micro_batch} clips per micro-batch, which the {device_count} devices cannot '
+           f'share evenly: batch_size must be divisible by grad_accum_steps x device count '
+           f'= {config.grad_accum_steps * device_count}')
+
+
 def _check_manifest_json(key: str, path: str) -> None:
   """The original's data JSON: {"data": [{"wav": ...}, ...]} with at least one clip."""
   _require(os.path.isfile(path), f'{key}: file not found: {path}')
@@ -193,5 +233,6 @@ def check_config(config, check_data: bool = True) -> None:
   _check_model(config)
   _check_masking(config)
   _check_training(config)
+  _check_scale(config)
   if check_data:
     _check_data(config)

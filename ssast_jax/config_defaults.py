@@ -67,5 +67,23 @@ def get_config() -> ml_collections.ConfigDict:
   config.print_every_steps = 50
   config.seed = 0
   config.nan_policy = 'stop'
+
+  # Speed and scale; none of these changes what a step computes beyond float rounding,
+  # except dtype.
+  # Compute dtype, 'float32' or 'bfloat16'; parameters and optimiser state stay float32,
+  # softmax, LayerNorm statistics and the losses are computed in float32.
   config.dtype = 'float32'
+  # Recompute each encoder block's activations in the backward pass (less memory, more
+  # FLOPs); remat_policy: what may still be kept, see model.REMAT_POLICIES.
+  config.remat = False
+  config.remat_policy = 'nothing_saveable'
+  # Devices sharing one copy of the parameters and optimiser state (the mesh's 'fsdp'
+  # axis); the 'data' axis is device_count // fsdp. 1: pure data parallelism.
+  config.fsdp = 1
+  # Micro-batches per step: batch_size clips are processed batch_size / grad_accum_steps
+  # at a time and make one optimiser update.
+  config.grad_accum_steps = 1
+  # 'FIRST,LAST' (or 'STEP'): write a jax.profiler trace of those training steps (as
+  # numbered in the logs) to WORKDIR/profile. '': no trace.
+  config.profile_steps = ''
   return config

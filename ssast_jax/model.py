@@ -18,6 +18,11 @@ from flax import nnx
 # (embedding width, attention heads) of the published sizes; all have 12 blocks.
 MODEL_SIZES = {'tiny': (192, 3), 'small': (384, 6), 'base': (768, 12)}
 DEFAULT_DEPTH = 12
+# jax.checkpoint_policies usable as `remat_policy`: keep nothing of a block but its input
+# (least memory, one more forward pass of the encoder), every matmul output, or only the
+# dense layers' outputs (matmuls without batch dimensions; attention's per-head matmuls and
+# softmax are recomputed).
+REMAT_POLICIES = ('nothing_saveable', 'dots_saveable', 'dots_with_no_batch_dims_saveable')
 LAYER_NORM_EPSILON = 1e-6
 NUM_LEADING_TOKENS = 2  # cls and dist
 
@@ -29,6 +34,9 @@ class ModelConfig:
   `input_fdim` x `input_tdim` is the pretraining input (mel bins x frames); it fixes the
   patch grid and so the positional embedding's length. `pred_dim` is the pretext heads'
   output width, `fshape * tshape` (256 in the original, where it is hard-coded).
+  `remat` recomputes each block's activations in the backward pass instead of keeping
+  them; `remat_policy` names the `jax.checkpoint_policies` entry saying which of them may
+  still be kept (REMAT_POLICIES).
   """
   embed_dim: int
   num_heads: int
@@ -41,6 +49,7 @@ class ModelConfig:
   input_tdim: int = 1024
   dtype: str = 'float32'
   remat: bool = False
+  remat_policy: str = 'nothing_saveable'
 
   @classmethod
   def from_size(cls, size: str, depth: int | None = None, **kwargs) -> 'ModelConfig':
@@ -238,6 +247,29 @@ class SSAST(nnx.Module):
     lead = jnp.concatenate([self.cls_token[...], self.dist_token[...]], axis=1).astype(dtype)
     lead = jnp.broadcast_to(lead, (tokens.shape[0],) + lead.shape[1:])
     h = jnp.concatenate([lead, tokens], axis=1) + self.pos_embed[...].astype(dtype)
-    for block in self.blocks:
-      h = nnx.remat(block)(h) if self.config.remat else block(h)
+    if self.config.remat:
+      h = rematerialized_blocks(list(self.blocks), h,
+                                getattr(jax.checkpoint_policies, self.config.remat_policy))
+    else:
+      for block in self.blocks:
+        h = block(h)
     return self.norm(h)
+
+
+def rematerialized_blocks(blocks: list[Block], h: jax.Array, policy) -> jax.Array:
+  """`blocks` applied in turn, keeping for the backward pass only what `policy` saves
+  of each (at least its input): one `lax.scan` over the blocks' stacked parameters with a
+  `jax.checkpoint`ed step.
+
+  The loop is what makes the saving hold on every backend: with the blocks unrolled, XLA
+  (on CPU at least) drops the rematerialisation barriers and schedules the recomputation
+  early, so peak memory goes up rather than down.
+  """
+  graphdef, _ = nnx.split(blocks[0])
+  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(nnx.state(b) for b in blocks))
+
+  def apply_block(h, state):
+    return nnx.merge(graphdef, state)(h), None
+
+  h, _ = jax.lax.scan(jax.checkpoint(apply_block, policy=policy), h, stacked)
+  return h

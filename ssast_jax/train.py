@@ -1,9 +1,10 @@
 """Pretraining: `train_and_evaluate(config, workdir)`, the users' `run.py` in one call.
 
-Data are converted to shards on first use, the jitted step runs over a `data` mesh axis
-(batch sharded, parameters replicated), validation runs at step 0 and every `epoch_iter`
-steps, and orbax checkpoints make the run resumable: re-running the same command continues
-from the latest checkpoint and reproduces an uninterrupted run bit for bit.
+Data are converted to shards on first use, the jitted step runs over a ('data', 'fsdp')
+mesh (batch split over every device, parameters and optimiser state split over 'fsdp'; see
+sharding.py), validation runs at step 0 and every `epoch_iter` steps, and orbax checkpoints
+make the run resumable: re-running the same command continues from the latest checkpoint
+(restored into the current mesh's layout) and reproduces an uninterrupted run bit for bit.
 """
 
 from __future__ import annotations
@@ -12,22 +13,25 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ssast_jax import checkpoints, config_checks, data, metrics, schedule
+from ssast_jax import checkpoints, config_checks, data, metrics, schedule, sharding
 from ssast_jax.data import ManifestError
 from ssast_jax.data.convert import ConversionError, convert as convert_to_shards
 from ssast_jax.data.demo import write_demo_dataset
 from ssast_jax.device_prefetch import DevicePrefetcher
 from ssast_jax.model import SSAST, ModelConfig
-from ssast_jax.train_step import StepSettings, eval_step, init_state, train_step
+from ssast_jax.profiling import StepProfiler
+from ssast_jax.train_step import StepSettings, eval_step, init_state, jit_train_step
 
 
 class TrainingError(RuntimeError):
@@ -44,7 +48,8 @@ def model_config(config) -> ModelConfig:
       m.size, depth=m.depth, fshape=m.fshape, tshape=m.tshape, fstride=m.fstride,
       tstride=m.tstride, input_fdim=config.data.num_mel_bins,
       input_tdim=config.data.target_length, dtype=config.dtype,
-      remat=config.get('remat', False))
+      remat=config.get('remat', False),
+      remat_policy=config.get('remat_policy', 'nothing_saveable'))
 
 
 def step_settings(config) -> StepSettings:
@@ -55,12 +60,40 @@ def step_settings(config) -> StepSettings:
       cluster_factor=config.cluster_factor, paper_infonce=config.paper_infonce,
       joint_passes=config.joint_passes,
       mpc_trains_encoder=config.get('mpc_trains_encoder', False), lr=config.lr,
-      warmup=config.warmup)
+      warmup=config.warmup, grad_accum_steps=config.get('grad_accum_steps', 1))
 
 
-def make_mesh() -> jax.sharding.Mesh:
-  return jax.make_mesh((jax.device_count(),), ('data',),
-                       axis_types=(jax.sharding.AxisType.Auto,))
+@dataclasses.dataclass(frozen=True)
+class StepSetup:
+  """The compiled-step ingredients of a config, shared by training and the benchmark."""
+  mesh: jax.sharding.Mesh
+  graphdef: Any
+  settings: StepSettings
+  abstract_state: Any  # shape-dtype structs carrying the state's shardings
+  init: Callable[[], dict]  # a fresh state, placed in those shardings
+  step: Callable  # (state, batch) -> (state, metrics), jitted; the state is donated
+
+  @property
+  def batch_sharding(self) -> jax.sharding.NamedSharding:
+    return sharding.batch_sharding(self.mesh)
+
+
+def step_setup(config) -> StepSetup:
+  """Mesh, state layout and jitted step for `config` on all devices; raises ConfigError
+  when `fsdp` or the batch do not split over them."""
+  config_checks.check_devices(config, jax.device_count())
+  mcfg, settings = model_config(config), step_settings(config)
+  mesh = sharding.make_mesh(config.fsdp)
+
+  def fresh_state():
+    return init_state(mcfg, config.seed, config.lr)
+
+  abstract = jax.eval_shape(fresh_state)
+  state_sharding = sharding.state_shardings(abstract, mesh)
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: SSAST(mcfg, nnx.Rngs(0))))
+  return StepSetup(mesh, graphdef, settings, sharding.with_shardings(abstract, state_sharding),
+                   jax.jit(fresh_state, out_shardings=state_sharding),
+                   jit_train_step(graphdef, settings, mesh, state_sharding))
 
 
 @dataclasses.dataclass
@@ -100,12 +133,12 @@ def prepare_data(config, workdir: str) -> DataSplits:
 
 
 def log(message: str) -> None:
-  """Progress messages come from process 0 only."""
+  """Progress messages come from process 0 only; they do not break the progress bar."""
   if jax.process_index() == 0:
-    print(message, flush=True)
+    tqdm.tqdm.write(message, file=sys.stdout)
 
 
-def evaluate(params, splits: DataSplits, config, settings, graphdef, batch_sharding) -> dict:
+def evaluate(params, splits: DataSplits, config, setup: StepSetup) -> dict:
   """Validation metrics over every validation clip exactly once."""
   loader = data.eval_loader(
       splits.val_dir, batch_size=config.batch_size, target_length=config.data.target_length,
@@ -113,9 +146,10 @@ def evaluate(params, splits: DataSplits, config, settings, graphdef, batch_shard
       process_count=jax.process_count())
   totals = None
   for batch_index, batch in enumerate(loader):
-    fbank, valid = (jax.make_array_from_process_local_data(batch_sharding, batch[k])
+    fbank, valid = (jax.make_array_from_process_local_data(setup.batch_sharding, batch[k])
                     for k in ('fbank', 'valid'))
-    sums = eval_step(params, fbank, valid, batch_index, graphdef=graphdef, settings=settings)
+    sums = eval_step(params, fbank, valid, batch_index, graphdef=setup.graphdef,
+                     settings=setup.settings, mesh=setup.mesh)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
   count = totals.pop('count')
@@ -141,6 +175,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """Trains per `config` in `workdir`, resuming from its latest checkpoint; returns the
   last validation metrics."""
   config_checks.check_config(config)
+  setup = step_setup(config)  # before any work: checks that the devices fit the config
+  replicated = sharding.replicated(setup.mesh)
   workdir = os.path.abspath(workdir)
   is_main = jax.process_index() == 0
   splits = prepare_data(config, workdir)
@@ -148,27 +184,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if is_main:
     metrics.save_config(workdir, config)
 
-  mcfg, settings = model_config(config), step_settings(config)
-  mesh = make_mesh()
-  if config.batch_size % jax.device_count():
-    raise config_checks.ConfigError(
-        f'batch_size {config.batch_size} is not divisible by the {jax.device_count()} devices')
-  replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
-  init = jax.jit(lambda: init_state(mcfg, config.seed, config.lr), out_shardings=replicated)
-  abstract = jax.eval_shape(lambda: init_state(mcfg, config.seed, config.lr))
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: SSAST(mcfg, nnx.Rngs(0))))
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-                          abstract)
-
   mngr = checkpoints.manager(workdir, config.task, config.keep_checkpoints)
-  restored = checkpoints.restore_latest(mngr, abstract)
+  restored = checkpoints.restore_latest(mngr, setup.abstract_state)
   loader = data.train_loader(
       splits.train_dir, batch_size=config.batch_size, target_length=config.data.target_length,
       mean=splits.mean, std=splits.std, seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count(), worker_count=config.data.workers,
       random_crop=config.data.random_crop)
   if restored is None:
-    state, meta, start = init(), {'plateau': schedule.plateau_init()}, 0
+    state, meta, start = setup.init(), {'plateau': schedule.plateau_init()}, 0
   else:
     start, state, meta = restored
     loader.set_state(meta['data_state'])
@@ -189,8 +213,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   def run_evaluation(step):
     nonlocal state
-    eval_metrics = evaluate(state['params'], splits, config, settings, graphdef,
-                            batch_sharding)
+    eval_metrics = evaluate(state['params'], splits, config, setup)
     if step > 0:
       lr = float(state['lr'])
       meta['plateau'], new_lr = schedule.plateau_step(
@@ -220,15 +243,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
     save(0, {metric_name: eval_metrics[metric_name]})
   stop = _StopRequest()
   progress = metrics.progress_bar(total_steps, initial_step=start, enabled=is_main)
-  prefetch = DevicePrefetcher(loader, batch_sharding)
+  prefetch = DevicePrefetcher(loader, setup.batch_sharding)
+  profiler = StepProfiler(config_checks.profile_range(config), workdir, enabled=is_main)
   pending, window_start, wait_ms = [], time.perf_counter(), 0.0
+  done = start
   try:
     for step in range(start, total_steps):
       batch, data_state, waited = next(prefetch)
       wait_ms += waited
-      state, step_metrics = train_step(state, batch, graphdef=graphdef, settings=settings)
-      pending.append(step_metrics)
       done = step + 1
+      profiler.before_step(done)
+      state, step_metrics = setup.step(state, batch)
+      profiler.after_step(done, step_metrics)
+      pending.append(step_metrics)
       progress.update(1)
       if done % config.print_every_steps == 0 or done == total_steps:
         host = jax.device_get(pending)
@@ -251,12 +278,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
         log(f'SIGTERM: saved the checkpoint at step {done}; exiting')
         break
   finally:
+    profiler.stop()
     stop.restore()
     prefetch.close()
     progress.close()
     mngr.wait_until_finished()
+    best = mngr.best_step()
     mngr.close()
     writer.close()
+  log(f'{"finished" if done == total_steps else "stopped"} at step {done} of {total_steps}. Logs: {workdir}/metrics.jsonl, result.csv, '
+      f'tensorboard/; checkpoints: {checkpoints.checkpoint_dir(workdir)} (best: step {best}). '
+      f'For the original PyTorch code: python -m ssast_jax.export --workdir {workdir} '
+      f'--out {workdir}/model.pth')
   return eval_metrics
 
 

@@ -1,0 +1,368 @@
+"""Scale features: FSDP, gradient accumulation, remat, bfloat16, profiling, compile-only
+benchmark.
+
+Steps are called directly on tiny models; whole runs go through `main.py` in subprocesses
+with forced CPU device counts, as in test_train.py.
+"""
+
+import base64
+import collections
+import dataclasses
+import functools
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.extend import core as jax_core
+from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
+
+from ssast_jax import config_checks, config_defaults, losses, sharding
+from ssast_jax.bench import benchmark, peak_memory_bytes
+from ssast_jax.data.demo import write_demo_dataset
+from ssast_jax.model import SSAST, ModelConfig
+from ssast_jax.train import model_config, step_settings
+from ssast_jax.train_step import (MPC_PASS, MPG_PASS, batch_gradients, draw_masks,
+                                  example_keys, init_state, train_step)
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _config(**overrides):
+  """A tiny model on 64 x 64 inputs (4 x 4 patches); '__' in a key stands for '.'."""
+  config = config_defaults.get_config()
+  values = {'model.size': 'tiny', 'model.depth': 1, 'data.target_length': 64,
+            'data.num_mel_bins': 64, 'mask_patch': 6, 'eval_mask_patch': 6, 'batch_size': 8,
+            'warmup': False}
+  values.update({k.replace('__', '.'): v for k, v in overrides.items()})
+  for key, value in values.items():
+    *parents, name = key.split('.')
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[name] = value
+  return config
+
+
+def _step_parts(config):
+  mcfg = model_config(config)
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: SSAST(mcfg, nnx.Rngs(0))))
+  return mcfg, graphdef, step_settings(config)
+
+
+def _batch(config, seed=0):
+  shape = (config.batch_size, config.data.target_length, config.data.num_mel_bins)
+  return jnp.asarray(np.random.default_rng(seed).normal(size=shape).astype(np.float32))
+
+
+def _flat(tree):
+  return np.concatenate([np.ravel(np.asarray(x, np.float32)) for x in jax.tree.leaves(tree)])
+
+
+def _relative(a, b):
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+# --- FSDP -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('shape, fsdp, spec', [
+    ((192, 576), 4, P(None, 'fsdp')),  # the largest divisible dimension
+    ((768, 192), 4, P('fsdp', None)),
+    ((1, 514, 768), 4, P(None, None, 'fsdp')),  # 514 is not divisible by 4
+    ((256, 192), 8, P('fsdp', None)),
+    ((256, 192), 1, P()),  # no fsdp axis
+    ((3072,), 4, P()),  # small: replicated
+    ((129, 131), 4, P()),  # no divisible dimension
+])
+def test_fsdp_spec(shape, fsdp, spec):
+  assert sharding.fsdp_spec(shape, fsdp) == spec
+
+
+def test_adam_moments_are_sharded_like_their_parameters():
+  mesh = AbstractMesh((2, 4), sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 2)
+  abstract = jax.eval_shape(lambda: init_state(model_config(_config()), 0, 1e-4))
+  specs = jax.tree.map(lambda s: s.spec, sharding.state_shardings(abstract, mesh))
+  adam = specs['opt_state'][1]
+  assert jax.tree.leaves(adam.mu) == jax.tree.leaves(specs['params'])
+  assert jax.tree.leaves(adam.nu) == jax.tree.leaves(specs['params'])
+  assert adam.count == P()
+  block = specs['params']['blocks'][0]
+  assert (block['mlp']['fc1']['kernel'], block['mlp']['fc1']['bias']) == (
+      P(None, 'fsdp'), P())
+  sharded = [s for s in jax.tree.leaves(specs['params']) if s != P()]
+  assert len(sharded) == 9  # the 2-D kernels of the blocks, the heads and the patch embedding
+
+
+@pytest.fixture(scope='module')
+def dataset(tmp_path_factory):
+  out = tmp_path_factory.mktemp('data')
+  return write_demo_dataset(out, num_clips=40, seed=2, target_length=64, num_mel_bins=64)
+
+
+def _flags(dataset, workdir, **overrides):
+  config = {'data.train_json': dataset['train_json'], 'data.train_pt_dir': dataset['train_pt_dir'],
+            'data.val_json': dataset['val_json'], 'data.val_pt_dir': dataset['val_pt_dir'],
+            'data.shards_dir': os.path.join(os.path.dirname(dataset['train_json']), 'shards'),
+            'data.target_length': 64, 'data.num_mel_bins': 64, 'data.mean': -7.0,
+            'data.std': 2.5, 'model.size': 'tiny', 'model.depth': 1, 'mask_patch': 6,
+            'eval_mask_patch': 6, 'batch_size': 8, 'lr': 1e-3, 'warmup': False,
+            'num_epochs': 1, 'epoch_iter': 100, 'checkpoint_every_steps': 2,
+            'print_every_steps': 1, 'max_steps': 4}
+  config.update(overrides)
+  return ['--config', str(ROOT / 'configs' / 'pretrain_joint.py'), f'--workdir={workdir}'] + [
+      f'--config.{k}={v}' for k, v in config.items()]
+
+
+def _run(args, devices):
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu',
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  result = subprocess.run([sys.executable, str(ROOT / 'main.py')] + args, env=env,
+                          capture_output=True, text=True, timeout=600)
+  if result.returncode:
+    raise AssertionError(f'main.py failed ({result.returncode}):\n{result.stderr[-4000:]}')
+  return result
+
+
+def _train_losses(workdir):
+  rows = [json.loads(line) for line in pathlib.Path(workdir, 'metrics.jsonl').read_text()
+          .splitlines()]
+  return {r['step']: r['train/loss'] for r in rows if 'train/loss' in r}
+
+
+@pytest.fixture(scope='module')
+def data_parallel_run(dataset, tmp_path_factory):
+  """8 devices, pure data parallelism, steps 2-3 profiled."""
+  workdir = tmp_path_factory.mktemp('data_parallel')
+  _run(_flags(dataset, workdir, profile_steps='2,3'), devices=8)
+  return workdir
+
+
+def test_fsdp_matches_data_parallelism_and_resumes_on_another_mesh(dataset, data_parallel_run,
+                                                                   tmp_path):
+  """data=2 x fsdp=4 on 8 devices for 2 steps, then resumed as data=1 x fsdp=4 on 4 devices:
+  the checkpoints hold FSDP-sharded arrays, restore into the new mesh, and the losses are
+  those of data parallelism."""
+  workdir = tmp_path / 'fsdp'
+  _run(_flags(dataset, workdir, fsdp=4, max_steps=2), devices=8)
+  assert sorted(_train_losses(workdir)) == [1, 2]
+  result = _run(_flags(dataset, workdir, fsdp=4), devices=4)
+  assert 'resuming from the checkpoint at step 2' in result.stdout
+  for step, mesh in ((2, [2, 4]), (4, [1, 4])):
+    layout = _saved_layout(workdir, step)
+    assert layout['params.blocks.0.mlp.fc1.kernel.value'] == (mesh, [None, 'fsdp'])
+    assert layout['opt_state.1.nu.blocks.0.mlp.fc1.kernel.value'] == (mesh, [None, 'fsdp'])
+    assert layout['params.blocks.0.mlp.fc1.bias.value'] == (mesh, [])
+  expected, got = _train_losses(data_parallel_run), _train_losses(workdir)
+  assert sorted(got) == sorted(expected) == [1, 2, 3, 4]
+  np.testing.assert_allclose([got[s] for s in range(1, 5)], [expected[s] for s in range(1, 5)],
+                             rtol=1e-5)
+  assert len(set(expected.values())) == 4  # the steps learn: the comparison is not vacuous
+
+
+def _saved_layout(workdir, step):
+  """{array name: (mesh shape, partition spec)} that orbax recorded for a checkpoint."""
+  path = pathlib.Path(workdir, 'checkpoints', str(step), 'state', '_sharding')
+  layout = {}
+  for key, value in json.loads(path.read_text()).items():
+    sharding_info = json.loads(value)
+    layout[base64.b64decode(key).decode()] = (sharding_info['shape'],
+                                              sharding_info['partition_spec'])
+  return layout
+
+
+def test_profile_steps_write_a_trace(data_parallel_run):
+  traces = list(pathlib.Path(data_parallel_run, 'profile').rglob('*.xplane.pb'))
+  assert len(traces) == 1 and traces[0].stat().st_size > 0
+
+
+def test_fsdp_that_does_not_divide_the_devices_is_refused():
+  with pytest.raises(config_checks.ConfigError,
+                     match='fsdp is 3, which does not divide the 8 devices'):
+    config_checks.check_devices(_config(fsdp=3), 8)
+
+
+# --- gradient accumulation --------------------------------------------------------------
+
+def _warmed_adam(state):
+  """The state with Adam's second moments at 1 and its bias corrections at 1, so that an
+  update is proportional to the gradient (a fresh Adam's first update is its sign, which
+  would hide a wrong gradient scale)."""
+  decay, adam = state['opt_state']
+  adam = adam._replace(count=jnp.asarray(10 ** 6, adam.count.dtype),
+                       nu=jax.tree.map(jnp.ones_like, adam.nu))
+  return {**state, 'opt_state': (decay, adam)}
+
+
+def test_accumulated_step_is_the_whole_batch_step():
+  """grad_accum_steps=4 on a batch of 8 makes the update of one batch of 8.
+
+  The losses agree to float32 rounding (the masks are the same). The update agrees to
+  5e-6 relative: the gradients themselves differ by ~1e-6 (1e-7 for the MPG head and
+  encoder, 1e-6 for the MPC head, whose gradient is a sum of nearly cancelling terms
+  because its loss ignores a shift of all of a clip's predictions), and a learning rate of
+  1 keeps float32 rounding of `params + update` below that. A mean taken as a sum would
+  be off by 300%, other masks by percents.
+  """
+  config = _config(lr=1.0)
+  mcfg, graphdef, settings = _step_parts(config)
+  state = _warmed_adam(init_state(mcfg, config.seed, config.lr))
+  fbank = _batch(config)
+  results = {}
+  for accum in (1, 4):
+    step = jax.jit(functools.partial(
+        train_step, graphdef=graphdef,
+        settings=dataclasses.replace(settings, grad_accum_steps=accum)))
+    results[accum] = step(state, fbank)
+  (whole, whole_metrics), (accumulated, accumulated_metrics) = results[1], results[4]
+  for key in ('loss', 'mpc_loss', 'mpg_loss', 'mpc_acc', 'grad_norm'):
+    np.testing.assert_allclose(accumulated_metrics[key], whole_metrics[key], rtol=1e-6)
+  before = _flat(state['params'])
+  update = _flat(whole['params']) - before
+  assert _relative(_flat(accumulated['params']) - before, update) < 5e-6
+  assert int(accumulated['step']) == 1
+
+
+def test_accumulated_gradients_keep_each_clips_masks():
+  """Micro-batches hold clips i, i + 4, ...: each keeps the mask its global index draws."""
+  config = _config(grad_accum_steps=4)
+  mcfg, graphdef, settings = _step_parts(config)
+  params = init_state(mcfg, 0, 1e-4)['params']
+  fbank = _batch(config)
+  masks = [draw_masks(example_keys(config.seed, 0, purpose, 8), settings.patch_grid, 6,
+                      settings.mask_mode, settings.cluster_factor)
+           for purpose in (MPC_PASS, MPG_PASS)]
+  grads_of = jax.jit(functools.partial(batch_gradients, graphdef=graphdef, settings=settings))
+  metrics, _ = grads_of(params, fbank, *masks)
+  model = nnx.merge(graphdef, params)
+  per_clip = losses.pretext_losses(model, fbank, *masks, per_clip=True)
+  np.testing.assert_allclose(metrics['mpg_loss'], np.mean(per_clip['mpg_loss']), rtol=1e-6)
+  shuffled = [m[::-1] for m in masks]
+  other, _ = grads_of(params, fbank, *shuffled)
+  assert abs(float(other['mpg_loss']) / float(metrics['mpg_loss']) - 1) > 1e-3
+
+
+def test_batch_must_split_into_micro_batches_over_the_devices():
+  with pytest.raises(config_checks.ConfigError,
+                     match=r'batch_size / grad_accum_steps = 16 / 4 = 4 clips per micro-batch'
+                           r'.*divisible by grad_accum_steps x device count = 32'):
+    config_checks.check_devices(_config(batch_size=16, grad_accum_steps=4), 8)
+  with pytest.raises(config_checks.ConfigError,
+                     match='batch_size 8 is not divisible by grad_accum_steps 3'):
+    config_checks.check_config(_config(grad_accum_steps=3), check_data=False)
+
+
+# --- remat ------------------------------------------------------------------------------
+
+def test_remat_gives_the_same_gradients_with_less_memory():
+  config = _config(model__depth=4, data__target_length=256, batch_size=8)
+  fbank = _batch(config)
+  results = {}
+  for remat, policy in ((False, 'nothing_saveable'), (True, 'nothing_saveable'),
+                        (True, 'dots_with_no_batch_dims_saveable')):
+    config.remat, config.remat_policy = remat, policy
+    mcfg, graphdef, settings = _step_parts(config)
+    params = init_state(mcfg, 0, 1e-4)['params']
+    masks = [draw_masks(example_keys(0, 0, purpose, 8), settings.patch_grid, 6,
+                        settings.mask_mode, settings.cluster_factor)
+             for purpose in (MPC_PASS, MPG_PASS)]
+    compiled = jax.jit(functools.partial(batch_gradients, graphdef=graphdef,
+                                         settings=settings)).lower(params, fbank, *masks).compile()
+    metrics, grads = compiled(params, fbank, *masks)
+    results[remat, policy] = float(metrics['loss']), _flat(grads), peak_memory_bytes(compiled)
+  plain_loss, plain_grads, plain_memory = results[False, 'nothing_saveable']
+  for loss, grads, _ in results.values():
+    np.testing.assert_allclose(loss, plain_loss, rtol=1e-6)
+    np.testing.assert_allclose(grads, plain_grads, rtol=0, atol=1e-6 * np.abs(plain_grads).max())
+  least = results[True, 'nothing_saveable'][2]
+  some = results[True, 'dots_with_no_batch_dims_saveable'][2]
+  assert least < some < plain_memory
+  assert least < 0.8 * plain_memory  # measured 0.73; the saving grows with depth and tokens
+
+
+# --- bfloat16 ---------------------------------------------------------------------------
+
+def _equation_dtypes(jaxpr, counts=None):
+  """(primitive, output dtype) -> count over `jaxpr` and the jaxprs nested in it."""
+  counts = collections.Counter() if counts is None else counts
+  for eqn in jaxpr.eqns:
+    for value in eqn.params.values():
+      if isinstance(value, jax_core.ClosedJaxpr):
+        _equation_dtypes(value.jaxpr, counts)
+      elif isinstance(value, jax_core.Jaxpr):
+        _equation_dtypes(value, counts)
+    counts[eqn.primitive.name, str(eqn.outvars[0].aval.dtype)] += 1
+  return counts
+
+
+def test_bfloat16_computes_in_bfloat16_but_keeps_statistics_in_float32():
+  mcfg = ModelConfig.from_size('tiny', depth=1, input_fdim=64, input_tdim=64,
+                               dtype='bfloat16')
+  graphdef, params = nnx.split(SSAST(mcfg, nnx.Rngs(0)))
+  fbank, mask = jnp.zeros((2, 64, 64)), jnp.tile(jnp.arange(6), (2, 1))
+
+  def loss(params):
+    return losses.pretext_losses(nnx.merge(graphdef, params), fbank, mask, mask)['loss']
+
+  counts = _equation_dtypes(jax.make_jaxpr(jax.value_and_grad(loss))(params).jaxpr)
+  assert counts['dot_general', 'bfloat16'] > 0  # the matmuls run in bfloat16
+  # softmax maxima, log-softmax, LayerNorm's 1/sqrt(var): float32 only
+  for primitive in ('reduce_max', 'log', 'rsqrt'):
+    dtypes = {dtype for name, dtype in counts if name == primitive}
+    assert dtypes == {'float32'}, (primitive, dtypes)
+
+
+def test_bfloat16_training_follows_float32():
+  """8 steps over 4 batches: the losses stay within 2% of float32's (measured: 0.1%);
+  parameters and Adam's moments stay float32."""
+  losses_by_dtype = {}
+  for dtype in ('float32', 'bfloat16'):
+    config = _config(dtype=dtype, lr=1e-3, model__depth=2)
+    mcfg, graphdef, settings = _step_parts(config)
+    state = init_state(mcfg, 0, config.lr)
+    step = jax.jit(functools.partial(train_step, graphdef=graphdef, settings=settings))
+    batches = [_batch(config, seed) for seed in range(4)]
+    history = []
+    for i in range(8):
+      state, metrics = step(state, batches[i % 4])
+      history.append([float(metrics[k]) for k in ('loss', 'mpc_loss', 'mpg_loss')])
+    assert {str(x.dtype) for x in jax.tree.leaves((state['params'], state['opt_state']))
+            } == {'float32', 'int32'}  # int32: Adam's step count
+    losses_by_dtype[dtype] = np.array(history)
+  np.testing.assert_allclose(losses_by_dtype['bfloat16'], losses_by_dtype['float32'], rtol=0.02)
+  assert not np.array_equal(losses_by_dtype['bfloat16'], losses_by_dtype['float32'])
+
+
+# --- profiling and the benchmark --------------------------------------------------------
+
+@pytest.mark.parametrize('value, expected', [('', None), ('7', (7, 7)), ('10,15', (10, 15)),
+                                             (' 2, 3', (2, 3))])
+def test_profile_steps_parse(value, expected):
+  assert config_checks.profile_range(_config(profile_steps=value)) == expected
+
+
+@pytest.mark.parametrize('value', ['0', '5,3', '1,2,3', 'ten'])
+def test_bad_profile_steps_are_refused(value):
+  with pytest.raises(config_checks.ConfigError, match='profile_steps must be "FIRST,LAST"'):
+    config_checks.check_config(_config(profile_steps=value), check_data=False)
+
+
+def test_compile_only_benchmark_reports_memory_and_model_flops():
+  """`steps=0` compiles without running; with remat and accumulation it still reports the
+  FLOPs of the plain step (XLA counts a loop's body once)."""
+  logged = []
+  plain = benchmark(_config(model__depth=2), steps=0, log=logged.append)
+  scaled = benchmark(_config(model__depth=2, remat=True, grad_accum_steps=2), steps=0,
+                     log=logged.append)
+  assert 'step_s' not in plain and 'mfu' not in plain
+  assert scaled['flops_per_step'] == plain['flops_per_step'] > 0
+  assert plain['peak_memory_bytes'] > 0 and scaled['peak_memory_bytes'] > 0
+  assert (plain['mesh'], scaled['grad_accum_steps'], scaled['remat']) == (
+      {'data': 1, 'fsdp': 1}, 2, True)
+  assert logged.count('compiling the step without remat and accumulation to count its '
+                      'FLOPs ...') == 1
