@@ -10,10 +10,7 @@ import collections
 import dataclasses
 import functools
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -28,10 +25,10 @@ from ssast_jax.bench import benchmark, peak_memory_bytes
 from ssast_jax.data.demo import write_demo_dataset
 from ssast_jax.model import SSAST, ModelConfig
 from ssast_jax.train import model_config, step_settings
+from runs import run_main, tiny_run_flags, train_losses
 from ssast_jax.train_step import (MPC_PASS, MPG_PASS, batch_gradients, draw_masks,
                                   example_keys, init_state, train_step)
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _config(**overrides):
@@ -106,40 +103,16 @@ def dataset(tmp_path_factory):
 
 
 def _flags(dataset, workdir, **overrides):
-  config = {'data.train_json': dataset['train_json'], 'data.train_pt_dir': dataset['train_pt_dir'],
-            'data.val_json': dataset['val_json'], 'data.val_pt_dir': dataset['val_pt_dir'],
-            'data.shards_dir': os.path.join(os.path.dirname(dataset['train_json']), 'shards'),
-            'data.target_length': 64, 'data.num_mel_bins': 64, 'data.mean': -7.0,
-            'data.std': 2.5, 'model.size': 'tiny', 'model.depth': 1, 'mask_patch': 6,
-            'eval_mask_patch': 6, 'batch_size': 8, 'lr': 1e-3, 'warmup': False,
-            'num_epochs': 1, 'epoch_iter': 100, 'checkpoint_every_steps': 2,
-            'print_every_steps': 1, 'max_steps': 4}
-  config.update(overrides)
-  return ['--config', str(ROOT / 'configs' / 'pretrain_joint.py'), f'--workdir={workdir}'] + [
-      f'--config.{k}={v}' for k, v in config.items()]
-
-
-def _run(args, devices):
-  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
-  result = subprocess.run([sys.executable, str(ROOT / 'main.py')] + args, env=env,
-                          capture_output=True, text=True, timeout=600)
-  if result.returncode:
-    raise AssertionError(f'main.py failed ({result.returncode}):\n{result.stderr[-4000:]}')
-  return result
-
-
-def _train_losses(workdir):
-  rows = [json.loads(line) for line in pathlib.Path(workdir, 'metrics.jsonl').read_text()
-          .splitlines()]
-  return {r['step']: r['train/loss'] for r in rows if 'train/loss' in r}
+  return tiny_run_flags(dataset, workdir, **{
+      'lr': 1e-3, 'num_epochs': 1, 'epoch_iter': 100, 'checkpoint_every_steps': 2,
+      'max_steps': 4, **overrides})
 
 
 @pytest.fixture(scope='module')
 def data_parallel_run(dataset, tmp_path_factory):
   """8 devices, pure data parallelism, steps 2-3 profiled."""
   workdir = tmp_path_factory.mktemp('data_parallel')
-  _run(_flags(dataset, workdir, profile_steps='2,3'), devices=8)
+  run_main(_flags(dataset, workdir, profile_steps='2,3'), devices=8)
   return workdir
 
 
@@ -149,16 +122,16 @@ def test_fsdp_matches_data_parallelism_and_resumes_on_another_mesh(dataset, data
   the checkpoints hold FSDP-sharded arrays, restore into the new mesh, and the losses are
   those of data parallelism."""
   workdir = tmp_path / 'fsdp'
-  _run(_flags(dataset, workdir, fsdp=4, max_steps=2), devices=8)
-  assert sorted(_train_losses(workdir)) == [1, 2]
-  result = _run(_flags(dataset, workdir, fsdp=4), devices=4)
+  run_main(_flags(dataset, workdir, fsdp=4, max_steps=2), devices=8)
+  assert sorted(train_losses(workdir)) == [1, 2]
+  result = run_main(_flags(dataset, workdir, fsdp=4), devices=4)
   assert 'resuming from the checkpoint at step 2' in result.stdout
   for step, mesh in ((2, [2, 4]), (4, [1, 4])):
     layout = _saved_layout(workdir, step)
     assert layout['params.blocks.0.mlp.fc1.kernel.value'] == (mesh, [None, 'fsdp'])
     assert layout['opt_state.1.nu.blocks.0.mlp.fc1.kernel.value'] == (mesh, [None, 'fsdp'])
     assert layout['params.blocks.0.mlp.fc1.bias.value'] == (mesh, [])
-  expected, got = _train_losses(data_parallel_run), _train_losses(workdir)
+  expected, got = train_losses(data_parallel_run), train_losses(workdir)
   assert sorted(got) == sorted(expected) == [1, 2, 3, 4]
   np.testing.assert_allclose([got[s] for s in range(1, 5)], [expected[s] for s in range(1, 5)],
                              rtol=1e-5)

@@ -5,7 +5,6 @@ and process groups can differ between runs.
 """
 
 import json
-import os
 import pathlib
 import signal
 import socket
@@ -19,10 +18,7 @@ import pytest
 
 import ssast_jax
 from ssast_jax.data.demo import write_demo_dataset
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-TIME_KEYS = ('train/clips_per_s', 'train/data_wait_ms')
-
+from runs import ROOT, env, metric_rows, run_main, tiny_run_flags, train_losses
 
 @pytest.fixture(scope='module')
 def dataset(tmp_path_factory):
@@ -30,49 +26,10 @@ def dataset(tmp_path_factory):
   return write_demo_dataset(out, num_clips=80, seed=1, target_length=64, num_mel_bins=64)
 
 
-def _flags(dataset, workdir, **overrides):
-  config = {'data.train_json': dataset['train_json'], 'data.train_pt_dir': dataset['train_pt_dir'],
-            'data.val_json': dataset['val_json'], 'data.val_pt_dir': dataset['val_pt_dir'],
-            'data.shards_dir': os.path.join(os.path.dirname(dataset['train_json']), 'shards'),
-            'data.target_length': 64, 'data.num_mel_bins': 64, 'data.mean': -7.0,
-            'data.std': 2.5, 'model.size': 'tiny', 'model.depth': 1, 'mask_patch': 6,
-            'eval_mask_patch': 6, 'batch_size': 8, 'lr': 1e-4, 'warmup': False,
-            'num_epochs': 2, 'epoch_iter': 8, 'checkpoint_every_steps': 3,
-            'print_every_steps': 1, 'keep_checkpoints': 2}
-  config.update(overrides)
-  return ['--config', str(ROOT / 'configs' / 'pretrain_joint.py'), f'--workdir={workdir}'] + [
-      f'--config.{k}={v}' for k, v in config.items()]
-
-
-def _env(devices=1):
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
-  env['PYTHONPATH'] = str(ROOT)
-  env['JAX_PLATFORMS'] = 'cpu'
-  return env
-
-
-def _run(args, devices=1, check=True):
-  result = subprocess.run([sys.executable, str(ROOT / 'main.py')] + args, env=_env(devices),
-                          capture_output=True, text=True, timeout=600)
-  if check and result.returncode:
-    raise AssertionError(f'main.py failed ({result.returncode}):\n{result.stderr[-4000:]}')
-  return result
-
-
-def _rows(workdir):
-  lines = pathlib.Path(workdir, 'metrics.jsonl').read_text().splitlines()
-  return [{k: v for k, v in json.loads(line).items() if k not in TIME_KEYS} for line in lines]
-
-
-def _train_losses(workdir):
-  return {r['step']: r['train/loss'] for r in _rows(workdir) if 'train/loss' in r}
-
-
 def _final_params(workdir, tmp_path, which='latest'):
   out = tmp_path / f'{pathlib.Path(workdir).name}-{which}.pth'
   subprocess.run([sys.executable, '-m', 'ssast_jax.export', '--workdir', str(workdir),
-                  '--out', str(out), '--which', which], env=_env(), check=True,
+                  '--out', str(out), '--which', which], env=env(), check=True,
                  capture_output=True, timeout=300)
   return ssast_jax.from_pytorch(out).params
 
@@ -80,13 +37,13 @@ def _final_params(workdir, tmp_path, which='latest'):
 @pytest.fixture(scope='module')
 def reference_run(dataset, tmp_path_factory):
   workdir = tmp_path_factory.mktemp('reference')
-  _run(_flags(dataset, workdir))
+  run_main(tiny_run_flags(dataset, workdir))
   return workdir
 
 
 def test_run_logs_evaluates_and_checkpoints(reference_run):
-  rows = _rows(reference_run)
-  losses = _train_losses(reference_run)
+  rows = metric_rows(reference_run)
+  losses = train_losses(reference_run)
   assert sorted(losses) == list(range(1, 19))  # 2 epochs of 72 clips in batches of 8
   evals = [r for r in rows if 'eval/mpc_acc' in r]
   assert [r['step'] for r in evals] == [0, 8, 16]
@@ -105,20 +62,15 @@ def test_run_logs_evaluates_and_checkpoints(reference_run):
 
 def test_sigkill_and_resume_is_bit_identical(dataset, reference_run, tmp_path):
   workdir = tmp_path / 'killed'
-  args = _flags(dataset, workdir)
-  process = subprocess.Popen([sys.executable, str(ROOT / 'main.py')] + args, env=_env(),
+  args = tiny_run_flags(dataset, workdir)
+  process = subprocess.Popen([sys.executable, str(ROOT / 'main.py')] + args, env=env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  metrics_file = workdir / 'metrics.jsonl'
-  deadline = time.time() + 300
-  while time.time() < deadline:
-    if metrics_file.exists() and len(_train_losses(workdir)) >= 11:
-      break
-    time.sleep(0.05)
+  _wait_for_steps(workdir, 4)
   process.send_signal(signal.SIGKILL)
   process.wait()
-  assert len(_train_losses(workdir)) < 18, 'the run finished before it could be killed'
-  _run(args)
-  assert _rows(workdir) == _rows(reference_run)
+  assert len(train_losses(workdir)) < 18, 'the run finished before it could be killed'
+  run_main(args)
+  assert metric_rows(workdir) == metric_rows(reference_run)
   np.testing.assert_array_equal(_flat(_final_params(workdir, tmp_path)),
                                 _flat(_final_params(reference_run, tmp_path)))
 
@@ -129,12 +81,17 @@ def _flat(tree):
 
 def test_eight_devices_match_one(dataset, reference_run, tmp_path):
   workdir = tmp_path / 'eight'
-  _run(_flags(dataset, workdir), devices=8)
-  one, eight = _train_losses(reference_run), _train_losses(workdir)
-  assert sorted(one) == sorted(eight)
-  np.testing.assert_allclose([eight[s] for s in sorted(one)], [one[s] for s in sorted(one)],
-                             rtol=1e-5)
-  _assert_params_close(_final_params(workdir, tmp_path), _final_params(reference_run, tmp_path))
+  run_main(tiny_run_flags(dataset, workdir), devices=8)
+  _assert_same_run(workdir, reference_run, tmp_path)
+
+
+def _assert_same_run(workdir, reference, tmp_path):
+  """Same per-step losses (to 1e-5) and final parameters as the reference run."""
+  expected, got = train_losses(reference), train_losses(workdir)
+  assert sorted(got) == sorted(expected)
+  np.testing.assert_allclose([got[s] for s in sorted(expected)],
+                             [expected[s] for s in sorted(expected)], rtol=1e-5)
+  _assert_params_close(_final_params(workdir, tmp_path), _final_params(reference, tmp_path))
 
 
 def _assert_params_close(got, expected):
@@ -164,23 +121,19 @@ def test_two_processes_match_one(dataset, reference_run, tmp_path):
   workdir = tmp_path / 'two'
   port = _free_port()
   processes = [subprocess.Popen(
-      [sys.executable, str(ROOT / 'main.py')] + _flags(dataset, workdir) + [
+      [sys.executable, str(ROOT / 'main.py')] + tiny_run_flags(dataset, workdir) + [
           f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}'],
-      env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+      env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
   outputs = [p.communicate(timeout=600) for p in processes]
   for p, (_, err) in zip(processes, outputs):
     assert p.returncode == 0, err[-4000:]
   assert outputs[1][0] == ''  # only process 0 prints
-  one, two = _train_losses(reference_run), _train_losses(workdir)
-  assert sorted(one) == sorted(two)
-  np.testing.assert_allclose([two[s] for s in sorted(one)], [one[s] for s in sorted(one)],
-                             rtol=1e-5)
-  _assert_params_close(_final_params(workdir, tmp_path), _final_params(reference_run, tmp_path))
+  _assert_same_run(workdir, reference_run, tmp_path)
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(dataset, tmp_path):
   workdir = tmp_path / 'diverged'
-  result = _run(_flags(dataset, workdir, lr=1e30), check=False)
+  result = run_main(tiny_run_flags(dataset, workdir, lr=1e30), check=False)
   assert result.returncode != 0
   assert 'non-finite loss or gradient at step' in result.stderr
   params = _final_params(workdir, tmp_path)
@@ -189,33 +142,36 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(dataset, tmp_path)
 
 def test_skip_policy_finishes_with_finite_parameters(dataset, tmp_path):
   workdir = tmp_path / 'skipped'
-  _run(_flags(dataset, workdir, lr=1e30, nan_policy='skip', num_epochs=1))
+  run_main(tiny_run_flags(dataset, workdir, lr=1e30, nan_policy='skip', num_epochs=1))
   assert np.all(np.isfinite(_flat(_final_params(workdir, tmp_path))))
 
 
 def test_incompatible_resume_is_refused(dataset, reference_run):
-  result = _run(_flags(dataset, reference_run, lr=5e-4, mask_patch=5), check=False)
+  result = run_main(tiny_run_flags(dataset, reference_run, lr=5e-4, mask_patch=5), check=False)
   assert result.returncode == 2
   assert 'differing keys: lr, mask_patch' in result.stderr
 
 
 def _start(args):
-  return subprocess.Popen([sys.executable, str(ROOT / 'main.py')] + args, env=_env(),
+  return subprocess.Popen([sys.executable, str(ROOT / 'main.py')] + args, env=env(),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _wait_for_steps(workdir, count):
   deadline = time.time() + 300
   while time.time() < deadline:
-    if (workdir / 'metrics.jsonl').exists() and len(_train_losses(workdir)) >= count:
-      return
-    time.sleep(0.02)
+    try:
+      if len(train_losses(workdir)) >= count:
+        return
+    except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or a torn line
+      pass
+    time.sleep(0.005)
   raise AssertionError(f'{workdir}: fewer than {count} steps logged in 300 s')
 
 
 def test_sigterm_saves_and_exits_then_resumes_identically(dataset, reference_run, tmp_path):
   workdir = tmp_path / 'terminated'
-  args = _flags(dataset, workdir)
+  args = tiny_run_flags(dataset, workdir)
   process = _start(args)
   _wait_for_steps(workdir, 4)
   process.send_signal(signal.SIGTERM)
@@ -223,19 +179,19 @@ def test_sigterm_saves_and_exits_then_resumes_identically(dataset, reference_run
   assert process.returncode == 0, err[-3000:]
   saved = int(out.split('SIGTERM: saved the checkpoint at step ')[1].split(';')[0])
   assert saved < 18 and (workdir / 'checkpoints' / str(saved)).is_dir()
-  _run(args)
-  assert _rows(workdir) == _rows(reference_run)
+  run_main(args)
+  assert metric_rows(workdir) == metric_rows(reference_run)
 
 
 def test_damaged_latest_checkpoint_is_skipped(dataset, reference_run, tmp_path):
   workdir = tmp_path / 'damaged'
-  args = _flags(dataset, workdir, max_steps=10)
-  _run(args)
+  args = tiny_run_flags(dataset, workdir, max_steps=10)
+  run_main(args)
   steps = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
   assert steps[-1] == 10
   for path in (workdir / 'checkpoints' / '10' / 'state').rglob('*'):
     if path.is_file():
       path.write_bytes(b'')
-  result = _run(_flags(dataset, workdir))
+  result = run_main(tiny_run_flags(dataset, workdir))
   assert 'checkpoint at step 10 is incomplete or damaged' in result.stderr
-  assert _rows(workdir) == _rows(reference_run)
+  assert metric_rows(workdir) == metric_rows(reference_run)

@@ -1,0 +1,50 @@
+"""Helpers for tests that run `main.py` end to end in subprocesses on a tiny dataset."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TIME_KEYS = ('train/clips_per_s', 'train/data_wait_ms')
+
+
+def tiny_run_flags(dataset, workdir, **overrides):
+  """`main.py` arguments: a 1-block tiny model on 64 x 64 clips of `dataset` (the dict of
+  `write_demo_dataset`), 2 epochs, logging every step; `overrides` set config keys."""
+  config = {'data.train_json': dataset['train_json'], 'data.train_pt_dir': dataset['train_pt_dir'],
+            'data.val_json': dataset['val_json'], 'data.val_pt_dir': dataset['val_pt_dir'],
+            'data.shards_dir': os.path.join(os.path.dirname(dataset['train_json']), 'shards'),
+            'data.target_length': 64, 'data.num_mel_bins': 64, 'data.mean': -7.0,
+            'data.std': 2.5, 'model.size': 'tiny', 'model.depth': 1, 'mask_patch': 6,
+            'eval_mask_patch': 6, 'batch_size': 8, 'lr': 1e-4, 'warmup': False,
+            'num_epochs': 2, 'epoch_iter': 8, 'checkpoint_every_steps': 3,
+            'print_every_steps': 1, 'keep_checkpoints': 2}
+  config.update(overrides)
+  return ['--config', str(ROOT / 'configs' / 'pretrain_joint.py'), f'--workdir={workdir}'] + [
+      f'--config.{k}={v}' for k, v in config.items()]
+
+
+def env(devices=1):
+  """The environment of a CPU run with `devices` forced host devices."""
+  return dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu',
+              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+
+
+def run_main(args, devices=1, check=True):
+  result = subprocess.run([sys.executable, str(ROOT / 'main.py')] + args, env=env(devices),
+                          capture_output=True, text=True, timeout=600)
+  if check and result.returncode:
+    raise AssertionError(f'main.py failed ({result.returncode}):\n{result.stderr[-4000:]}')
+  return result
+
+
+def metric_rows(workdir):
+  """metrics.jsonl rows without the timing keys."""
+  lines = pathlib.Path(workdir, 'metrics.jsonl').read_text().splitlines()
+  return [{k: v for k, v in json.loads(line).items() if k not in TIME_KEYS} for line in lines]
+
+
+def train_losses(workdir):
+  return {r['step']: r['train/loss'] for r in metric_rows(workdir) if 'train/loss' in r}
