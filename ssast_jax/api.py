@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ssast_jax import conversion, losses
-from ssast_jax.model import SSAST, ModelConfig
+from ssast_jax.model import SSAST, ModelConfig, abstract_model
 
 
 @dataclasses.dataclass
@@ -30,11 +30,6 @@ class ModelHandle:
   @property
   def module(self) -> SSAST:
     return nnx.merge(self.graphdef, self.state)
-
-
-def abstract_model(config: ModelConfig):
-  """(graphdef, abstract parameter state) of `config`, without allocating parameters."""
-  return nnx.split(nnx.eval_shape(lambda: SSAST(config, nnx.Rngs(0))), nnx.Param)
 
 
 def create_model(config: ModelConfig, seed: int = 0) -> ModelHandle:

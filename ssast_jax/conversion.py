@@ -13,7 +13,7 @@ import tempfile
 
 import numpy as np
 
-from ssast_jax.model import MODEL_SIZES, ModelConfig
+from ssast_jax.model import MODEL_SIZES, ModelConfig, abstract_model
 
 PREFIX = 'module.'
 UNUSED_HEAD_CLASSES = 1000  # timm's ImageNet heads v.head / v.head_dist, unused by SSAST
@@ -73,9 +73,7 @@ def _expected_shapes(config: ModelConfig) -> dict[str, tuple]:
   """Torch tensor shapes of a checkpoint of `config`, derived from the model itself."""
   from flax import nnx
   import jax
-  from ssast_jax.model import SSAST
-  abstract = nnx.eval_shape(lambda: SSAST(config, nnx.Rngs(0)))
-  params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+  params = nnx.to_pure_dict(abstract_model(config)[1])
   shapes = {'p_input_fdim': (), 'p_input_tdim': ()}
   for torch_name, path, transform in _tensor_map(config.depth) + _head_map():
     shape = _get_path(params, path).shape

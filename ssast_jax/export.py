@@ -12,6 +12,7 @@ import ml_collections
 
 from ssast_jax import api, checkpoints
 from ssast_jax.train import model_config
+from ssast_jax.model import abstract_model
 from ssast_jax.train_step import init_state
 
 
@@ -32,7 +33,7 @@ def export(workdir: str, out: str, which: str = 'best') -> int:
     state, _ = checkpoints.restore(mngr, step, abstract)
   finally:
     mngr.close()
-  graphdef, _ = api.abstract_model(mcfg)
+  graphdef, _ = abstract_model(mcfg)
   api.to_pytorch(api.ModelHandle(mcfg, graphdef, state['params']), out)
   return step
 

@@ -273,3 +273,8 @@ def rematerialized_blocks(blocks: list[Block], h: jax.Array, policy) -> jax.Arra
 
   h, _ = jax.lax.scan(jax.checkpoint(apply_block, policy=policy), h, stacked)
   return h
+
+
+def abstract_model(config: ModelConfig):
+  """(graphdef, abstract parameter state) of `config`, without allocating parameters."""
+  return nnx.split(nnx.eval_shape(lambda: SSAST(config, nnx.Rngs(0))), nnx.Param)

@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
-from flax import nnx
 from jax.experimental import multihost_utils
 
 from ssast_jax import checkpoints, config_checks, data, metrics, schedule, sharding
@@ -29,7 +28,7 @@ from ssast_jax.data import ManifestError
 from ssast_jax.data.convert import ConversionError, convert as convert_to_shards
 from ssast_jax.data.demo import write_demo_dataset
 from ssast_jax.device_prefetch import DevicePrefetcher
-from ssast_jax.model import SSAST, ModelConfig
+from ssast_jax.model import ModelConfig, abstract_model
 from ssast_jax.profiling import StepProfiler
 from ssast_jax.train_step import StepSettings, eval_step, init_state, jit_train_step
 
@@ -90,7 +89,7 @@ def step_setup(config) -> StepSetup:
 
   abstract = jax.eval_shape(fresh_state)
   state_sharding = sharding.state_shardings(abstract, mesh)
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: SSAST(mcfg, nnx.Rngs(0))))
+  graphdef, _ = abstract_model(mcfg)
   return StepSetup(mesh, graphdef, settings, sharding.with_shardings(abstract, state_sharding),
                    jax.jit(fresh_state, out_shardings=state_sharding),
                    jit_train_step(graphdef, settings, mesh, state_sharding))

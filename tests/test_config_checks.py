@@ -202,22 +202,17 @@ def _run_main(*args, env=None):
                         capture_output=True, text=True, cwd=ROOT, env=env, check=False)
 
 
-def test_main_reports_a_config_error_in_one_line(tmp_path):
-  result = _run_main('--config=configs/pretrain_joint.py', f'--workdir={tmp_path}',
-                     '--config.model.fstride=10')
+@pytest.mark.parametrize('override, message', [
+    ('--config.model.fstride=10',
+     'error: model.fstride is 10 but pretraining needs it equal to model.fshape (16): '
+     'patches must not overlap'),
+    ('--config.data.train_jsn=x',
+     'error: --config: unknown config key \'train_jsn\' Did you mean "train_json" instead '
+     'of "train_jsn"?')])
+def test_main_reports_a_config_error_in_one_line(tmp_path, override, message):
+  result = _run_main('--config=configs/pretrain_joint.py', f'--workdir={tmp_path}', override)
   assert result.returncode == 2
-  assert result.stderr.splitlines() == [
-      'error: model.fstride is 10 but pretraining needs it equal to model.fshape (16): '
-      'patches must not overlap']
-
-
-def test_main_reports_an_unknown_key_in_one_line(tmp_path):
-  result = _run_main('--config=configs/pretrain_joint.py', f'--workdir={tmp_path}',
-                     '--config.data.train_jsn=x')
-  assert result.returncode == 2
-  assert result.stderr.splitlines() == [
-      'error: --config: unknown config key \'train_jsn\' Did you mean "train_json" instead '
-      'of "train_jsn"?']
+  assert result.stderr.splitlines() == [message]
 
 
 def test_main_cluster_detection_counts_slurm_tasks():

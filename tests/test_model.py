@@ -9,8 +9,7 @@ from flax import nnx
 
 import ssast_jax
 from ssast_jax import ModelConfig
-from ssast_jax.api import abstract_model
-from ssast_jax.model import patchify
+from ssast_jax.model import abstract_model, patchify
 
 
 def _param_count(config):
