@@ -6,7 +6,9 @@ Synthetic batches, no data loading. FLOPs (model work; see `model_flops`) and me
 from XLA's analysis of the compiled step, per device (the program XLA partitioned over the
 mesh); the peak is a large matmul of the step's dtype on one device, measured in the same
 run.
-`--steps=0` compiles without running or allocating (memory of big configs). The last line
+`--steps=0` compiles without running or allocating (memory of big configs).
+`--breakdown` adds `time_by_scope`: milliseconds per step spent in each named scope of the
+model, forward and backward, from a profiler trace of the timed steps. The last line
 printed is a JSON object.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import statistics
 import sys
+import tempfile
 import time
 
 import jax
@@ -23,13 +26,16 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from ssast_jax import config_checks
+from ssast_jax import config_checks, profiling
 from ssast_jax.train import step_setup
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps after warm-up; 0: compile only and '
                               'report FLOPs and memory.')
 _WARMUP = flags.DEFINE_integer('warmup_steps', 2, 'Untimed steps after compilation.')
+_BREAKDOWN = flags.DEFINE_bool('breakdown', False, 'Also trace the timed steps with '
+                               'jax.profiler and report their time per named scope of the '
+                               'model (attention, MLP, LayerNorm, ...), forward and backward.')
 flags.mark_flags_as_required(['config'])
 
 
@@ -82,10 +88,12 @@ def model_flops(config, compiled, log=print) -> float:
   return float(compile_step(plain)[1].cost_analysis()['flops'])
 
 
-def benchmark(config, steps: int, warmup_steps: int = 2, log=print) -> dict:
+def benchmark(config, steps: int, warmup_steps: int = 2, breakdown: bool = False,
+              log=print) -> dict:
   """Compiles the training step of `config` exactly as training does (mesh, shardings,
   accumulation, remat, dtype) and times `steps` steps; `steps=0` only compiles, without
-  allocating the state, so the memory of configs too big to run can be read."""
+  allocating the state, so the memory of configs too big to run can be read.
+  `breakdown` then runs the `steps` again under the profiler (see module doc)."""
   config_checks.check_config(config, check_data=False)
   log('compiling the training step ...')
   start = time.perf_counter()
@@ -115,16 +123,36 @@ def benchmark(config, steps: int, warmup_steps: int = 2, log=print) -> dict:
     times.append(time.perf_counter() - start)
     log(f'step {i + 1}/{steps}: {times[-1]:.3f} s')
   step_s = statistics.median(times)
+  if breakdown:
+    result['time_by_scope'] = traced_time_by_scope(compiled, state, batch, steps, log)
   peak = matmul_peak_flops(jnp.dtype(config.dtype))
   return {'step_s': step_s, 'clips_per_s': config.batch_size / step_s,
           'achieved_flops': flops / step_s, 'matmul_peak_flops': peak,
           'mfu': flops / step_s / peak, **result}
 
 
+def traced_time_by_scope(compiled, state, batch, steps: int, log=print) -> dict:
+  """`profiling.time_by_scope` of `steps` runs of the compiled step, logged as a table."""
+  with tempfile.TemporaryDirectory() as trace_dir:
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    for _ in range(steps):
+      state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    jax.profiler.stop_trace()
+    table = profiling.time_by_scope(trace_dir, compiled.as_text(), runs=steps)
+  total = sum(t['forward'] + t['backward'] for t in table.values())
+  log(f'{"scope":20s} {"forward ms":>11s} {"backward ms":>12s} {"share":>6s}')
+  for scope, t in sorted(table.items(), key=lambda i: -i[1]['forward'] - i[1]['backward']):
+    share = (t['forward'] + t['backward']) / total
+    log(f'{scope:20s} {t["forward"]:11.1f} {t["backward"]:12.1f} {share:6.1%}')
+  log(f'{"total":20s} {total:24.1f} ms of operations per step')
+  return table
+
+
 def main(argv):
   del argv
   try:
-    result = benchmark(_CONFIG.value, _STEPS.value, _WARMUP.value,
+    result = benchmark(_CONFIG.value, _STEPS.value, _WARMUP.value, _BREAKDOWN.value,
                        log=lambda m: print(m, file=sys.stderr, flush=True))
   except config_checks.ConfigError as error:
     raise SystemExit(f'error: {error}') from None

@@ -16,7 +16,7 @@ import os
 
 from ssast_jax import masking
 from ssast_jax.data.shards import MANIFEST_NAME, STORED_DTYPES
-from ssast_jax.model import MODEL_SIZES, REMAT_POLICIES, patch_count
+from ssast_jax.model import ATTENTION_IMPLS, MODEL_SIZES, REMAT_POLICIES, patch_count
 
 TASKS = ('pretrain_joint', 'pretrain_mpc', 'pretrain_mpg')
 PRED_DIM = 256  # the original's pretext heads output 256 values per patch
@@ -80,6 +80,7 @@ def _check_model(config) -> None:
   model, data = config.model, config.data
   _require_choice('task', config.task, TASKS)
   _require_choice('model.size', model.size, tuple(MODEL_SIZES))
+  _require_choice('model.attention', model.attention, ATTENTION_IMPLS)
   _require_int('model.depth', model.depth, 1, optional=True)
   _require_int('data.num_mel_bins', data.num_mel_bins, 1)
   _require_int('data.target_length', data.target_length, 1)

@@ -42,6 +42,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.tshape = 16
   config.model.fstride = 16
   config.model.tstride = 16
+  # Attention kernel: 'auto' (jax.nn.dot_product_attention on accelerators, explicit
+  # einsums on CPU, where XLA runs them faster), 'dot_product_attention' or 'explicit'.
+  # Float rounding only; see model.ATTENTION_IMPLS.
+  config.model.attention = 'auto'
 
   config.task = 'pretrain_joint'
   config.mask_patch = 400

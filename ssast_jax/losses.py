@@ -33,22 +33,24 @@ def infonce(predictions: jax.Array, targets: jax.Array, paper_infonce: bool = Fa
   rows, then for each column the argmax over rows must be the column's own index.
   Returns float32 `(loss, accuracy)`, each `(B,)`.
   """
-  scores = jnp.einsum('bak,bck->bac', targets.astype(jnp.float32),
-                      predictions.astype(jnp.float32))
-  num_masked = scores.shape[-1]
-  axis = -2 if paper_infonce else -1
-  log_probs = jax.nn.log_softmax(scores, axis=axis)
-  loss = -jnp.mean(jnp.diagonal(log_probs, axis1=-2, axis2=-1), axis=-1)
-  # softmax's row normalisation changes which row wins a column, so argmax after it.
-  best_target = jnp.argmax(jax.nn.softmax(scores, axis=-1), axis=-2)
-  accuracy = jnp.mean(best_target == jnp.arange(num_masked), axis=-1)
-  return loss, accuracy.astype(jnp.float32)
+  with jax.named_scope('pretext_losses'):
+    scores = jnp.einsum('bak,bck->bac', targets.astype(jnp.float32),
+                        predictions.astype(jnp.float32))
+    num_masked = scores.shape[-1]
+    axis = -2 if paper_infonce else -1
+    log_probs = jax.nn.log_softmax(scores, axis=axis)
+    loss = -jnp.mean(jnp.diagonal(log_probs, axis1=-2, axis2=-1), axis=-1)
+    # softmax's row normalisation changes which row wins a column, so argmax after it.
+    best_target = jnp.argmax(jax.nn.softmax(scores, axis=-1), axis=-2)
+    accuracy = jnp.mean(best_target == jnp.arange(num_masked), axis=-1)
+    return loss, accuracy.astype(jnp.float32)
 
 
 def mse(predictions: jax.Array, targets: jax.Array) -> jax.Array:
   """MPG loss per clip `(B,)`: mean squared error over its masked patches and values."""
-  diff = predictions.astype(jnp.float32) - targets.astype(jnp.float32)
-  return jnp.mean(diff * diff, axis=(-2, -1))
+  with jax.named_scope('pretext_losses'):
+    diff = predictions.astype(jnp.float32) - targets.astype(jnp.float32)
+    return jnp.mean(diff * diff, axis=(-2, -1))
 
 
 def mpc_head_input(hidden: jax.Array, mpc_trains_encoder: bool) -> jax.Array:

@@ -48,7 +48,8 @@ def model_config(config) -> ModelConfig:
       tstride=m.tstride, input_fdim=config.data.num_mel_bins,
       input_tdim=config.data.target_length, dtype=config.dtype,
       remat=config.get('remat', False),
-      remat_policy=config.get('remat_policy', 'nothing_saveable'))
+      remat_policy=config.get('remat_policy', 'nothing_saveable'),
+      attention=m.get('attention', 'auto'))
 
 
 def step_settings(config) -> StepSettings:

@@ -65,7 +65,8 @@ def example_keys(seed, step, purpose, batch_size: int) -> jax.Array:
 
 
 def draw_masks(keys, patch_grid, num_masked, mode, cluster_factor):
-  return masking.masks_from_keys(keys, patch_grid, num_masked, mode, cluster_factor)
+  with jax.named_scope('masking'):
+    return masking.masks_from_keys(keys, patch_grid, num_masked, mode, cluster_factor)
 
 
 def micro_batches(tree, count: int):
@@ -143,10 +144,11 @@ def train_step(state: dict, fbank: jax.Array, *, graphdef, settings, mesh=None
                  s.mask_mode, s.cluster_factor) for purpose in (MPC_PASS, MPG_PASS))
   metrics, grads = batch_gradients(state['params'], fbank, mpc_mask, mpg_mask,
                                    graphdef=graphdef, settings=settings, mesh=mesh)
-  lr = schedule.warmup_lr(step, state['lr'], s.lr, s.warmup)
-  updates, opt_state = optimizer().update(grads, state['opt_state'], state['params'])
-  params = jax.tree.map(lambda p, u: p - lr * u, state['params'], updates)
-  grad_norm = optax.tree.norm(grads)
+  with jax.named_scope('optimizer'):
+    lr = schedule.warmup_lr(step, state['lr'], s.lr, s.warmup)
+    updates, opt_state = optimizer().update(grads, state['opt_state'], state['params'])
+    params = jax.tree.map(lambda p, u: p - lr * u, state['params'], updates)
+    grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(metrics['loss']) & jnp.isfinite(grad_norm)
   keep_if_finite = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
   new_state = {

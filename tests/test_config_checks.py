@@ -93,6 +93,8 @@ def test_config_defaults_are_the_users_run():
     ({'task': 'ft_cls'}, "task must be one of 'pretrain_joint', 'pretrain_mpc', "
                          "'pretrain_mpg'; got 'ft_cls'"),
     ({'model__size': 'base384'}, "model.size must be one of 'tiny', 'small', 'base'"),
+    ({'model__attention': 'flash'}, "model.attention must be one of 'auto', "
+                                    "'dot_product_attention', 'explicit'; got 'flash'"),
     ({'model__depth': 0}, 'model.depth must be an integer >= 1; got 0'),
     ({'model__fstride': 10}, 'model.fstride is 10 but pretraining needs it equal to '
                              'model.fshape (16)'),

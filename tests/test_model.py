@@ -9,7 +9,8 @@ from flax import nnx
 
 import ssast_jax
 from ssast_jax import ModelConfig
-from ssast_jax.model import abstract_model, patchify
+from ssast_jax.model import (SSAST, abstract_model, exact_gelu, patchify,
+                             resolved_attention)
 
 
 def _param_count(config):
@@ -95,3 +96,44 @@ def test_bfloat16_compute_keeps_float32_parameters():
   out = nnx.merge(model.graphdef, f32.state).encode(jnp.asarray(x))
   assert out.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(out, np.float32), ssast_jax.encode(f32, x), atol=0.1)
+
+
+def _encoder_loss_and_grads(config, x, mask):
+  graphdef, params = nnx.split(SSAST(config, nnx.Rngs(0)))
+
+  def loss(params):
+    return jnp.mean(nnx.merge(graphdef, params).encode(x, mask).astype(jnp.float32) ** 2)
+  return jax.jit(jax.value_and_grad(loss))(params)
+
+
+@pytest.mark.parametrize('dtype, rtol', [('float32', 2e-5), ('bfloat16', 3e-2)])
+def test_attention_implementations_agree(dtype, rtol):
+  """The explicit einsums (CPU) and jax.nn.dot_product_attention compute one attention:
+  the same loss and gradients, to float rounding, in float32 and in bfloat16."""
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(2, 64, 128)).astype(np.float32))
+  mask = jnp.asarray([[0, 5, 9], [1, 2, 30]])
+  results = {impl: _encoder_loss_and_grads(
+      ModelConfig.from_size('tiny', depth=2, input_tdim=64, dtype=dtype, attention=impl),
+      x, mask) for impl in ('explicit', 'dot_product_attention')}
+  (loss_a, grads_a), (loss_b, grads_b) = results.values()
+  np.testing.assert_allclose(loss_a, loss_b, rtol=rtol)
+  flat_a, flat_b = (np.concatenate([np.ravel(np.asarray(g, np.float32))
+                                     for g in jax.tree.leaves(t)]) for t in (grads_a, grads_b))
+  # Over all parameters: the key bias's exact gradient is 0, so alone it is rounding noise.
+  assert np.linalg.norm(flat_a - flat_b) <= rtol * np.linalg.norm(flat_b)
+
+
+def test_auto_attention_is_explicit_on_cpu_only():
+  assert jax.default_backend() == 'cpu'
+  assert resolved_attention('auto') == 'explicit'
+  assert resolved_attention('dot_product_attention') == 'dot_product_attention'
+  with pytest.raises(ValueError, match="attention 'flash' is not one of"):
+    SSAST(ModelConfig.from_size('tiny', depth=1, attention='flash'), nnx.Rngs(0))
+
+
+def test_gelu_is_torchs_exact_gelu():
+  x = np.linspace(-12, 12, 100_001, dtype=np.float32)
+  expected = torch.nn.functional.gelu(torch.from_numpy(x)).numpy()
+  np.testing.assert_allclose(np.asarray(exact_gelu(jnp.asarray(x))), expected,
+                             rtol=1e-6, atol=2e-6)

@@ -9,6 +9,7 @@ import base64
 import collections
 import dataclasses
 import functools
+import gzip
 import json
 import pathlib
 
@@ -20,7 +21,7 @@ from flax import nnx
 from jax.extend import core as jax_core
 from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 
-from ssast_jax import config_checks, config_defaults, losses, sharding
+from ssast_jax import config_checks, config_defaults, losses, profiling, sharding
 from ssast_jax.bench import benchmark, peak_memory_bytes
 from ssast_jax.data.demo import write_demo_dataset
 from ssast_jax.model import SSAST, ModelConfig
@@ -323,6 +324,51 @@ def test_profile_steps_parse(value, expected):
 def test_bad_profile_steps_are_refused(value):
   with pytest.raises(config_checks.ConfigError, match='profile_steps must be "FIRST,LAST"'):
     config_checks.check_config(_config(profile_steps=value), check_data=False)
+
+
+HLO_LINES = '\n'.join([
+    '  %ynn_fusion.3 = f32[8,3,514,514]{3,2,1,0} fusion(%a), kind=kCustom, metadata={op_name='
+    '"jit(train_step)/jvp(attention_core)/reduce_max" stack_frame_id=3}',
+    '  ROOT %dot.2 = f32[192,768]{1,0} dot(%b, %c), metadata={op_name='
+    '"jit(train_step)/transpose(jvp(mlp_fc1))/transpose"}',
+    '  %add.1 = f32[8]{0} add(%d, %e), metadata={op_name="jit(train_step)/jvp()/add"}',
+    '  %param.0 = f32[] parameter(0)'])
+
+
+def test_instruction_scopes_come_from_op_names():
+  assert profiling.instruction_scopes(HLO_LINES) == {
+      'ynn_fusion.3': ('attention_core', 'forward'), 'dot.2': ('mlp_fc1', 'backward'),
+      'add.1': ('other', 'forward')}
+
+
+def test_time_by_scope_sums_trace_events_per_run(tmp_path):
+  events = [{'ph': 'X', 'name': 'ynn_fusion.3', 'dur': 3000}, {'ph': 'X', 'name': 'dot.2',
+            'dur': 1000}, {'ph': 'X', 'name': 'ynn_fusion.3', 'dur': 5000},
+            {'ph': 'X', 'name': 'ThunkExecutor::Execute', 'dur': 9000},
+            {'ph': 'i', 'name': 'add.1', 'dur': 7000}]
+  run_dir = tmp_path / 'plugins' / 'profile' / 'run'
+  run_dir.mkdir(parents=True)
+  with gzip.open(run_dir / 'host.perfetto_trace.json.gz', 'wt') as f:
+    json.dump({'traceEvents': events}, f)
+  assert profiling.time_by_scope(str(tmp_path), HLO_LINES, runs=2) == {
+      'attention_core': {'forward': 4.0, 'backward': 0.0},
+      'mlp_fc1': {'forward': 0.0, 'backward': 0.5}}
+
+
+def test_benchmark_breakdown_covers_every_part_of_the_encoder():
+  """`breakdown` traces the timed steps: each encoder scope shows up forward and backward,
+  masking and the optimiser forward only, and the table is logged."""
+  logged = []
+  result = benchmark(_config(model__depth=2), steps=1, warmup_steps=1, breakdown=True,
+                     log=logged.append)
+  table = result['time_by_scope']
+  for scope in ('attention_core', 'qkv_proj', 'attention_out_proj', 'mlp_fc1', 'gelu',
+                'mlp_fc2', 'layer_norm', 'patch_embed', 'pretext_heads', 'pretext_losses'):
+    assert table[scope]['forward'] > 0 and table[scope]['backward'] > 0, scope
+  for scope in ('masking', 'optimizer'):
+    assert table[scope]['forward'] > 0 and table[scope]['backward'] == 0, scope
+  assert any(line.startswith('attention_core ') for line in logged)
+  assert result['mfu'] == pytest.approx(result['achieved_flops'] / result['matmul_peak_flops'])
 
 
 def test_compile_only_benchmark_reports_memory_and_model_flops():
