@@ -199,7 +199,7 @@ def test_save_config_writes_resolved_json(tmp_path):
   assert path == str(tmp_path / 'run' / 'config.json')
   assert saved['data']['mean'] == -7.4482 and saved['max_steps'] is None
   assert saved['model'] == {'size': 'base', 'depth': None, 'fshape': 16, 'tshape': 16,
-                            'fstride': 16, 'tstride': 16}
+                            'fstride': 16, 'tstride': 16, 'attention': 'auto'}
   assert saved == json.loads(config.to_json())
 
 
