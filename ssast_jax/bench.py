@@ -8,8 +8,10 @@ mesh); the peak is a large matmul of the step's dtype on one device, measured in
 run.
 `--steps=0` compiles without running or allocating (memory of big configs).
 `--breakdown` adds `time_by_scope`: milliseconds per step spent in each named scope of the
-model, forward and backward, from a profiler trace of the timed steps. The last line
-printed is a JSON object.
+model, forward and backward, from a profiler trace of the timed steps.
+`--compare_joint_passes` times both joint modes in one run, step by step in turns, and
+adds the other mode's figures and `one_pass_speedup`. The last line printed is a JSON
+object.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ _WARMUP = flags.DEFINE_integer('warmup_steps', 2, 'Untimed steps after compilati
 _BREAKDOWN = flags.DEFINE_bool('breakdown', False, 'Also trace the timed steps with '
                                'jax.profiler and report their time per named scope of the '
                                'model (attention, MLP, LayerNorm, ...), forward and backward.')
+_COMPARE = flags.DEFINE_bool(
+    'compare_joint_passes', False, 'Also time the step with the other joint_passes (1 or 2), '
+    'in turns with this one, and report the speed-up of one pass over two.')
 flags.mark_flags_as_required(['config'])
 
 
@@ -88,47 +93,88 @@ def model_flops(config, compiled, log=print) -> float:
   return float(compile_step(plain)[1].cost_analysis()['flops'])
 
 
-def benchmark(config, steps: int, warmup_steps: int = 2, breakdown: bool = False,
-              log=print) -> dict:
-  """Compiles the training step of `config` exactly as training does (mesh, shardings,
-  accumulation, remat, dtype) and times `steps` steps; `steps=0` only compiles, without
-  allocating the state, so the memory of configs too big to run can be read.
-  `breakdown` then runs the `steps` again under the profiler (see module doc)."""
-  config_checks.check_config(config, check_data=False)
+def compiled_facts(config, log=print) -> tuple:
+  """(setup, compiled step, facts about it that need no run: FLOPs, memory, layout)."""
   log('compiling the training step ...')
   start = time.perf_counter()
   setup, compiled = compile_step(config)
   compile_s = time.perf_counter() - start
-  flops = model_flops(config, compiled, log)
-  result = {'flops_per_step': flops, 'peak_memory_bytes': peak_memory_bytes(compiled),
-            'compile_s': compile_s, 'batch_size': config.batch_size,
-            'grad_accum_steps': config.grad_accum_steps, 'remat': config.remat,
-            'remat_policy': config.remat_policy if config.remat else None,
-            'dtype': config.dtype, 'mesh': dict(setup.mesh.shape),
-            'devices': jax.device_count(), 'platform': jax.devices()[0].platform}
+  facts = {'flops_per_step': model_flops(config, compiled, log),
+           'peak_memory_bytes': peak_memory_bytes(compiled), 'compile_s': compile_s,
+           'batch_size': config.batch_size, 'joint_passes': config.joint_passes,
+           'grad_accum_steps': config.grad_accum_steps, 'remat': config.remat,
+           'remat_policy': config.remat_policy if config.remat else None,
+           'dtype': config.dtype, 'mesh': dict(setup.mesh.shape),
+           'devices': jax.device_count(), 'platform': jax.devices()[0].platform}
+  return setup, compiled, facts
+
+
+def timed_steps(runs: list, steps: int, warmup_steps: int, log=print) -> tuple[list, list]:
+  """(seconds of each of `steps` calls, final state) of every `(compiled, state, batch)` in
+  `runs` (whose states are donated), taking turns step by step so that changes in the
+  machine's load affect all of them alike."""
+  states = [state for _, state, _ in runs]
+  for i, (compiled, _, batch) in enumerate(runs):
+    for _ in range(warmup_steps):
+      states[i], _ = compiled(states[i], batch)
+  jax.block_until_ready(states)
+  times = [[] for _ in runs]
+  for step in range(steps):
+    for i, (compiled, _, batch) in enumerate(runs):
+      start = time.perf_counter()
+      states[i], metrics = compiled(states[i], batch)
+      jax.block_until_ready(metrics)
+      times[i].append(time.perf_counter() - start)
+    log(f'step {step + 1}/{steps}: ' + ', '.join(f'{t[-1]:.3f} s' for t in times))
+  return times, states
+
+
+def benchmark(config, steps: int, warmup_steps: int = 2, breakdown: bool = False,
+              compare_joint_passes: bool = False, log=print) -> dict:
+  """Compiles the training step of `config` exactly as training does (mesh, shardings,
+  accumulation, remat, dtype) and times `steps` steps; `steps=0` only compiles, without
+  allocating the state, so the memory of configs too big to run can be read.
+  `breakdown` then runs the `steps` again under the profiler (see module doc).
+  `compare_joint_passes` also times the step with the other `joint_passes`, in turns with
+  this one, and reports it under `joint_passes_N` with `one_pass_speedup`, the two-pass
+  step's time over the one-pass step's.
+  """
+  config_checks.check_config(config, check_data=False)
+  configs = [config]
+  if compare_joint_passes:
+    if config.task != 'pretrain_joint':
+      raise config_checks.ConfigError(
+          f'--compare_joint_passes needs task pretrain_joint; got {config.task!r}')
+    other = config.copy_and_resolve_references()
+    other.joint_passes = 3 - config.joint_passes
+    configs.append(other)
+  compiled = [compiled_facts(c, log) for c in configs]
   if steps == 0:
-    return result
-  state = setup.init()
-  batch = jax.device_put(
-      np.random.default_rng(0).normal(size=batch_shape(config)).astype(np.float32),
-      setup.batch_sharding)
-  for _ in range(warmup_steps):
-    state, metrics = compiled(state, batch)
-  jax.block_until_ready(state)
-  times = []
-  for i in range(steps):
-    start = time.perf_counter()
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
-    log(f'step {i + 1}/{steps}: {times[-1]:.3f} s')
-  step_s = statistics.median(times)
-  if breakdown:
-    result['time_by_scope'] = traced_time_by_scope(compiled, state, batch, steps, log)
+    return compiled[0][2]
+  runs = []
+  for c, (setup, step, _) in zip(configs, compiled):
+    batch = jax.device_put(
+        np.random.default_rng(0).normal(size=batch_shape(c)).astype(np.float32),
+        setup.batch_sharding)
+    runs.append((step, setup.init(), batch))
+  times, states = timed_steps(runs, steps, warmup_steps, log)
   peak = matmul_peak_flops(jnp.dtype(config.dtype))
-  return {'step_s': step_s, 'clips_per_s': config.batch_size / step_s,
-          'achieved_flops': flops / step_s, 'matmul_peak_flops': peak,
-          'mfu': flops / step_s / peak, **result}
+  reports = []
+  for c, (_, _, facts), t in zip(configs, compiled, times):
+    step_s = statistics.median(t)
+    reports.append({'step_s': step_s, 'clips_per_s': c.batch_size / step_s,
+                    'achieved_flops': facts['flops_per_step'] / step_s,
+                    'matmul_peak_flops': peak,
+                    'mfu': facts['flops_per_step'] / step_s / peak, **facts})
+  result = reports[0]
+  if compare_joint_passes:
+    result[f'joint_passes_{configs[1].joint_passes}'] = reports[1]
+    two, one = sorted(reports, key=lambda r: -r['joint_passes'])
+    result['one_pass_speedup'] = two['step_s'] / one['step_s']
+  if breakdown:
+    compiled_step, _, batch = runs[0]
+    result['time_by_scope'] = traced_time_by_scope(compiled_step, states[0], batch, steps, log)
+  return result
 
 
 def traced_time_by_scope(compiled, state, batch, steps: int, log=print) -> dict:
@@ -153,7 +199,7 @@ def main(argv):
   del argv
   try:
     result = benchmark(_CONFIG.value, _STEPS.value, _WARMUP.value, _BREAKDOWN.value,
-                       log=lambda m: print(m, file=sys.stderr, flush=True))
+                       _COMPARE.value, log=lambda m: print(m, file=sys.stderr, flush=True))
   except config_checks.ConfigError as error:
     raise SystemExit(f'error: {error}') from None
   print(json.dumps(result))

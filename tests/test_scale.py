@@ -371,6 +371,25 @@ def test_benchmark_breakdown_covers_every_part_of_the_encoder():
   assert result['mfu'] == pytest.approx(result['achieved_flops'] / result['matmul_peak_flops'])
 
 
+def test_benchmark_compares_joint_passes_in_one_run():
+  """Both joint modes are timed in turns; the one-pass step does less work (one encoder
+  forward and backward instead of two forwards and one backward) and its speed-up is the
+  ratio of the two medians."""
+  result = benchmark(_config(model__depth=1, mpc_trains_encoder=True), steps=2,
+                     warmup_steps=1, compare_joint_passes=True, log=lambda m: None)
+  one = result['joint_passes_1']
+  assert (result['joint_passes'], one['joint_passes']) == (2, 1)
+  assert 0.4 < one['flops_per_step'] / result['flops_per_step'] < 0.6
+  assert result['one_pass_speedup'] == result['step_s'] / one['step_s']
+  assert one['matmul_peak_flops'] == result['matmul_peak_flops']
+
+
+def test_joint_pass_comparison_needs_the_joint_task():
+  with pytest.raises(config_checks.ConfigError, match="--compare_joint_passes needs task "
+                     "pretrain_joint; got 'pretrain_mpg'"):
+    benchmark(_config(task='pretrain_mpg'), steps=1, compare_joint_passes=True)
+
+
 def test_compile_only_benchmark_reports_memory_and_model_flops():
   """`steps=0` compiles without running; with remat and accumulation it still reports the
   FLOPs of the plain step (XLA counts a loop's body once)."""
