@@ -144,13 +144,43 @@ def explicit_attention(qkv: jax.Array) -> jax.Array:
   """softmax(q k^T / sqrt(d)) v of `qkv` `(B, T, 3, heads, d)`, as `(B, T, heads, d)`.
 
   Heads-major einsums with the scores and softmax in float32, the numerics of
-  `jax.nn.dot_product_attention`'s XLA path; XLA:CPU lays these out far better.
+  `jax.nn.dot_product_attention`'s XLA path, which XLA:CPU lays out far better, and a
+  hand-written derivative (`heads_attention`).
   """
   q, k, v = (jnp.swapaxes(qkv[:, :, i], 1, 2) for i in range(3))  # (B, heads, T, d)
-  scores = jnp.einsum('bnth,bnsh->bnts', q * q.shape[-1] ** -0.5, k,
-                      preferred_element_type=jnp.float32)
+  return jnp.swapaxes(heads_attention(q * q.shape[-1] ** -0.5, k, v), 1, 2)
+
+
+@jax.custom_vjp
+def heads_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """softmax(q k^T) v per head, all `(B, heads, T, d)`.
+
+  The derivative is the textbook one, with the softmax's row term taken as
+  `sum(d_out * out)` over d rather than over T keys; XLA's own derivative of the forward
+  runs about 12% slower per training step on CPU.
+  """
+  return _heads_attention_forward(q, k, v)[0]
+
+
+def _heads_attention_forward(q, k, v):
+  scores = jnp.einsum('bnth,bnsh->bnts', q, k, preferred_element_type=jnp.float32)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  return jnp.einsum('bnts,bnsh->btnh', probs, v)
+  out = jnp.einsum('bnts,bnsh->bnth', probs, v)
+  return out, (q, k, v, probs, out)
+
+
+def _heads_attention_backward(residuals, d_out):
+  q, k, v, probs, out = residuals
+  f32 = jnp.float32
+  d_v = jnp.einsum('bnts,bnth->bnsh', probs, d_out)
+  d_probs = jnp.einsum('bnth,bnsh->bnts', d_out, v, preferred_element_type=f32)
+  row_term = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1, keepdims=True)
+  d_scores = (probs.astype(f32) * (d_probs - row_term)).astype(q.dtype)
+  return (jnp.einsum('bnts,bnsh->bnth', d_scores, k),
+          jnp.einsum('bnts,bnth->bnsh', d_scores, q), d_v)
+
+
+heads_attention.defvjp(_heads_attention_forward, _heads_attention_backward)
 
 
 def resolved_attention(attention: str) -> str:
