@@ -75,6 +75,15 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state):
   return restored['state'], restored['meta']
 
 
+def restore_params(mngr: ocp.CheckpointManager, step: int, abstract_params):
+  """The parameters of the checkpoint at `step`, read without the optimiser state."""
+  item = {'params': abstract_params}
+  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+      partial_restore=True)))
+  return restored['state']['params']
+
+
 def flatten_config(config: dict, prefix: str = '') -> dict:
   flat = {}
   for key, value in config.items():

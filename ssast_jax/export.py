@@ -25,16 +25,16 @@ def export(workdir: str, out: str, which: str = 'best') -> int:
     step = mngr.best_step() if which == 'best' else mngr.latest_step()
     if step is None:
       raise FileNotFoundError(f'{checkpoints.checkpoint_dir(workdir)}: no checkpoint to export')
-    # Restored onto this process's first device, whatever the run's mesh was.
+    # Only the parameters, onto this process's first device, whatever the run's mesh was.
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(
+    abstract_params = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-        jax.eval_shape(lambda: init_state(mcfg, config.seed, config.lr)))
-    state, _ = checkpoints.restore(mngr, step, abstract)
+        jax.eval_shape(lambda: init_state(mcfg, config.seed, config.lr))['params'])
+    params = checkpoints.restore_params(mngr, step, abstract_params)
   finally:
     mngr.close()
   graphdef, _ = abstract_model(mcfg)
-  api.to_pytorch(api.ModelHandle(mcfg, graphdef, state['params']), out)
+  api.to_pytorch(api.ModelHandle(mcfg, graphdef, params), out)
   return step
 
 

@@ -13,11 +13,15 @@ import sys
 import time
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
 import ssast_jax
+from ssast_jax import checkpoints
 from ssast_jax.data.demo import write_demo_dataset
+from ssast_jax.train import model_config
+from ssast_jax.train_step import init_state
 from runs import ROOT, env, metric_rows, run_main, tiny_run_flags, train_losses
 
 @pytest.fixture(scope='module')
@@ -58,6 +62,24 @@ def test_run_logs_evaluates_and_checkpoints(reference_run):
       'pretrain_joint')
   events = list(pathlib.Path(reference_run, 'tensorboard').iterdir())
   assert events
+
+
+def test_export_writes_the_checkpoints_parameters(reference_run, tmp_path):
+  """Export reads only the parameters of a checkpoint: they equal those of its whole
+  training state."""
+  config = ml_collections.ConfigDict(checkpoints.read_config(reference_run))
+  mcfg = model_config(config)
+  mngr = checkpoints.manager(str(reference_run), config.task, config.keep_checkpoints)
+  try:
+    abstract = jax.eval_shape(lambda: init_state(mcfg, config.seed, config.lr))
+    state, _ = checkpoints.restore(mngr, mngr.latest_step(), abstract)
+  finally:
+    mngr.close()
+  exported = jax.tree.leaves(_final_params(reference_run, tmp_path))
+  restored = jax.tree.leaves(state['params'])
+  assert len(exported) == len(restored) == 28
+  for a, b in zip(exported, restored):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_sigkill_and_resume_is_bit_identical(dataset, reference_run, tmp_path):
