@@ -140,6 +140,8 @@ def benchmark(config, steps: int, warmup_steps: int = 2, breakdown: bool = False
   step's time over the one-pass step's.
   """
   config_checks.check_config(config, check_data=False)
+  if breakdown and steps == 0:
+    raise config_checks.ConfigError('--breakdown traces the timed steps; it needs --steps >= 1')
   configs = [config]
   if compare_joint_passes:
     if config.task != 'pretrain_joint':
@@ -150,7 +152,10 @@ def benchmark(config, steps: int, warmup_steps: int = 2, breakdown: bool = False
     configs.append(other)
   compiled = [compiled_facts(c, log) for c in configs]
   if steps == 0:
-    return compiled[0][2]
+    result = compiled[0][2]
+    if compare_joint_passes:
+      result[f'joint_passes_{configs[1].joint_passes}'] = compiled[1][2]
+    return result
   runs = []
   for c, (setup, step, _) in zip(configs, compiled):
     batch = jax.device_put(

@@ -57,6 +57,10 @@ class ModelConfig:
   remat_policy: str = 'nothing_saveable'
   attention: str = 'auto'
 
+  def __post_init__(self):
+    if self.attention not in ATTENTION_IMPLS:
+      raise ValueError(f'attention {self.attention!r} is not one of {ATTENTION_IMPLS}')
+
   @classmethod
   def from_size(cls, size: str, depth: int | None = None, **kwargs) -> 'ModelConfig':
     if size not in MODEL_SIZES:
@@ -197,8 +201,6 @@ class Attention(nnx.Module):
     dim = config.embed_dim
     if dim % config.num_heads:
       raise ValueError(f'embed_dim {dim} is not divisible by num_heads {config.num_heads}')
-    if config.attention not in ATTENTION_IMPLS:
-      raise ValueError(f'attention {config.attention!r} is not one of {ATTENTION_IMPLS}')
     self.num_heads = config.num_heads
     self.attention = config.attention
     self.qkv = vit_linear(dim, 3 * dim, config, rngs)

@@ -286,7 +286,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     best = mngr.best_step()
     mngr.close()
     writer.close()
-  log(f'{"finished" if done == total_steps else "stopped"} at step {done} of {total_steps}. Logs: {workdir}/metrics.jsonl, result.csv, '
+  outcome = 'finished' if done == total_steps else 'stopped'
+  log(f'{outcome} at step {done} of {total_steps}. Logs: {workdir}/metrics.jsonl, result.csv, '
       f'tensorboard/; checkpoints: {checkpoints.checkpoint_dir(workdir)} (best: step {best}). '
       f'For the original PyTorch code: python -m ssast_jax.export --workdir {workdir} '
       f'--out {workdir}/model.pth')

@@ -384,6 +384,20 @@ def test_benchmark_compares_joint_passes_in_one_run():
   assert one['matmul_peak_flops'] == result['matmul_peak_flops']
 
 
+def test_compile_only_comparison_reports_both_joint_modes():
+  result = benchmark(_config(model__depth=1, mpc_trains_encoder=True), steps=0,
+                     compare_joint_passes=True, log=lambda m: None)
+  one = result['joint_passes_1']
+  assert 'step_s' not in result and (result['joint_passes'], one['joint_passes']) == (2, 1)
+  assert 0.4 < one['flops_per_step'] / result['flops_per_step'] < 0.6
+
+
+def test_breakdown_needs_timed_steps():
+  with pytest.raises(config_checks.ConfigError,
+                     match='--breakdown traces the timed steps; it needs --steps >= 1'):
+    benchmark(_config(), steps=0, breakdown=True)
+
+
 def test_joint_pass_comparison_needs_the_joint_task():
   with pytest.raises(config_checks.ConfigError, match="--compare_joint_passes needs task "
                      "pretrain_joint; got 'pretrain_mpg'"):
