@@ -91,7 +91,8 @@ def main(argv):
   config = _CONFIG.value
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
-  from ssast_jax import train  # pylint: disable=import-outside-toplevel
+  from ssast_jax import host_memory, train  # pylint: disable=import-outside-toplevel
+  host_memory.reuse_freed_memory()  # before JAX starts its CPU client
   try:
     _initialize_distributed()
     train.train_and_evaluate(config, _WORKDIR.value)

@@ -28,7 +28,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from ssast_jax import config_checks, profiling
+from ssast_jax import config_checks, host_memory, profiling
 from ssast_jax.train import step_setup
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.')
@@ -202,6 +202,7 @@ def traced_time_by_scope(compiled, state, batch, steps: int, log=print) -> dict:
 
 def main(argv):
   del argv
+  host_memory.reuse_freed_memory()  # before JAX starts its CPU client
   try:
     result = benchmark(_CONFIG.value, _STEPS.value, _WARMUP.value, _BREAKDOWN.value,
                        _COMPARE.value, log=lambda m: print(m, file=sys.stderr, flush=True))

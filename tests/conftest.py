@@ -6,6 +6,10 @@ import pathlib
 import numpy as np
 import pytest
 
+from ssast_jax import host_memory
+
+host_memory.reuse_freed_memory()  # as the entry points do, before JAX's CPU client starts
+
 DATA = pathlib.Path(__file__).parent / 'data'
 
 
