@@ -2,10 +2,12 @@
 
 python -m ssast_jax.bench --config=configs/pretrain_joint.py [--config.x=y ...] --steps=N
 
-Synthetic batches, no data loading. FLOPs (model work; see `model_flops`) and memory come
-from XLA's analysis of the compiled step, per device (the program XLA partitioned over the
-mesh); the peak is a large matmul of the step's dtype on one device, measured in the same
-run.
+Synthetic batches, no data loading. FLOPs (the model work of the whole step on all devices;
+see `model_flops`) and memory (per device) come from XLA's analysis of the compiled step;
+the peak is a large matmul of the step's dtype measured in the same run, for all devices
+together (see `devices_peak_flops`).
+`page_faults_per_step` counts the process's minor page faults per timed step: near zero
+when freed host memory is reused (`host_memory`), hundreds of thousands when it is not.
 `--steps=0` compiles without running or allocating (memory of big configs).
 `--breakdown` adds `time_by_scope`: milliseconds per step spent in each named scope of the
 model, forward and backward, from a profiler trace of the timed steps.
@@ -17,6 +19,7 @@ object.
 from __future__ import annotations
 
 import json
+import resource
 import statistics
 import sys
 import tempfile
@@ -78,19 +81,28 @@ def compile_step(config):
 
 
 def model_flops(config, compiled, log=print) -> float:
-  """FLOPs of the step's model work, from XLA's cost analysis of the compiled step.
+  """FLOPs of the whole step's model work on all devices: XLA's cost analysis of the
+  compiled step (one device's program) times the device count.
 
   XLA counts a loop's body once, and remat (a loop over blocks) and gradient accumulation
   (a loop over micro-batches) compile to loops; for them the count is that of the same
   step compiled without either, which also leaves out remat's recomputation, as MFU
   should.
   """
-  if not config.remat and config.grad_accum_steps == 1:
-    return float(compiled.cost_analysis()['flops'])
-  plain = config.copy_and_resolve_references()
-  plain.remat, plain.grad_accum_steps = False, 1
-  log('compiling the step without remat and accumulation to count its FLOPs ...')
-  return float(compile_step(plain)[1].cost_analysis()['flops'])
+  if config.remat or config.grad_accum_steps > 1:
+    plain = config.copy_and_resolve_references()
+    plain.remat, plain.grad_accum_steps = False, 1
+    log('compiling the step without remat and accumulation to count its FLOPs ...')
+    compiled = compile_step(plain)[1]
+  return float(compiled.cost_analysis()['flops']) * jax.device_count()
+
+
+def devices_peak_flops(dtype) -> float:
+  """The matmul peak of all devices together: one device's times the device count, except
+  on CPU, whose devices share the host's cores (one device's matmul already uses them all).
+  """
+  peak = matmul_peak_flops(dtype)
+  return peak if jax.devices()[0].platform == 'cpu' else peak * jax.device_count()
 
 
 def compiled_facts(config, log=print) -> tuple:
@@ -109,24 +121,26 @@ def compiled_facts(config, log=print) -> tuple:
   return setup, compiled, facts
 
 
-def timed_steps(runs: list, steps: int, warmup_steps: int, log=print) -> tuple[list, list]:
-  """(seconds of each of `steps` calls, final state) of every `(compiled, state, batch)` in
-  `runs` (whose states are donated), taking turns step by step so that changes in the
-  machine's load affect all of them alike."""
+def timed_steps(runs: list, steps: int, warmup_steps: int, log=print) -> tuple[list, list, list]:
+  """(seconds of each of `steps` calls, the process's minor page faults during each, final
+  state) of every `(compiled, state, batch)` in `runs` (whose states are donated), taking
+  turns step by step so that changes in the machine's load affect all of them alike."""
   states = [state for _, state, _ in runs]
   for i, (compiled, _, batch) in enumerate(runs):
     for _ in range(warmup_steps):
       states[i], _ = compiled(states[i], batch)
   jax.block_until_ready(states)
-  times = [[] for _ in runs]
+  times, faults = [[] for _ in runs], [[] for _ in runs]
   for step in range(steps):
     for i, (compiled, _, batch) in enumerate(runs):
+      faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       start = time.perf_counter()
       states[i], metrics = compiled(states[i], batch)
       jax.block_until_ready(metrics)
       times[i].append(time.perf_counter() - start)
+      faults[i].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before)
     log(f'step {step + 1}/{steps}: ' + ', '.join(f'{t[-1]:.3f} s' for t in times))
-  return times, states
+  return times, faults, states
 
 
 def benchmark(config, steps: int, warmup_steps: int = 2, breakdown: bool = False,
@@ -162,15 +176,16 @@ def benchmark(config, steps: int, warmup_steps: int = 2, breakdown: bool = False
         np.random.default_rng(0).normal(size=batch_shape(c)).astype(np.float32),
         setup.batch_sharding)
     runs.append((step, setup.init(), batch))
-  times, states = timed_steps(runs, steps, warmup_steps, log)
-  peak = matmul_peak_flops(jnp.dtype(config.dtype))
+  times, faults, states = timed_steps(runs, steps, warmup_steps, log)
+  peak = devices_peak_flops(jnp.dtype(config.dtype))
   reports = []
-  for c, (_, _, facts), t in zip(configs, compiled, times):
+  for c, (_, _, facts), t, f in zip(configs, compiled, times, faults):
     step_s = statistics.median(t)
     reports.append({'step_s': step_s, 'clips_per_s': c.batch_size / step_s,
                     'achieved_flops': facts['flops_per_step'] / step_s,
                     'matmul_peak_flops': peak,
-                    'mfu': facts['flops_per_step'] / step_s / peak, **facts})
+                    'mfu': facts['flops_per_step'] / step_s / peak,
+                    'page_faults_per_step': statistics.median(f), **facts})
   result = reports[0]
   if compare_joint_passes:
     result[f'joint_passes_{configs[1].joint_passes}'] = reports[1]

@@ -11,7 +11,10 @@ import dataclasses
 import functools
 import gzip
 import json
+import mmap
 import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -22,11 +25,11 @@ from jax.extend import core as jax_core
 from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 
 from ssast_jax import config_checks, config_defaults, losses, profiling, sharding
-from ssast_jax.bench import benchmark, peak_memory_bytes
+from ssast_jax.bench import benchmark, peak_memory_bytes, timed_steps
 from ssast_jax.data.demo import write_demo_dataset
 from ssast_jax.model import SSAST, ModelConfig
 from ssast_jax.train import model_config, step_settings
-from runs import run_main, tiny_run_flags, train_losses
+from runs import ROOT, env, run_main, tiny_run_flags, train_losses
 from ssast_jax.train_step import (MPC_PASS, MPG_PASS, batch_gradients, draw_masks,
                                   example_keys, init_state, train_step)
 
@@ -384,12 +387,46 @@ def test_benchmark_compares_joint_passes_in_one_run():
   assert one['matmul_peak_flops'] == result['matmul_peak_flops']
 
 
+def test_timed_steps_count_each_steps_page_faults():
+  """A 'step' that writes 8 MiB of freshly mapped memory faults in at least its 2,048 pages
+  each time (`page_faults_per_step` shows whether freed memory is reused)."""
+  def step_on_fresh_pages(state, batch):
+    with mmap.mmap(-1, 8 << 20) as fresh:
+      fresh.write(b'x' * (8 << 20))
+    return state + 1, batch
+
+  times, faults, states = timed_steps([(step_on_fresh_pages, 0, np.zeros(1))], steps=3,
+                                      warmup_steps=1, log=lambda m: None)
+  assert len(times[0]) == 3 and states == [4]
+  assert all(count >= 2048 for count in faults[0]), faults
+
+
 def test_compile_only_comparison_reports_both_joint_modes():
   result = benchmark(_config(model__depth=1, mpc_trains_encoder=True), steps=0,
                      compare_joint_passes=True, log=lambda m: None)
   one = result['joint_passes_1']
   assert 'step_s' not in result and (result['joint_passes'], one['joint_passes']) == (2, 1)
   assert 0.4 < one['flops_per_step'] / result['flops_per_step'] < 0.6
+
+
+def test_benchmark_counts_the_whole_steps_flops_on_any_device_count():
+  """`flops_per_step` is the work of the whole step, not one device's share (which would
+  halve it on 2 devices). Every data-parallel device repeats the optimiser update and
+  sums gradients, 4% of this one-block model's step (0.1% of the reference step)."""
+  def compiled_flops(devices):
+    config = ['--config.model.size=tiny', '--config.model.depth=1',
+              '--config.data.target_length=64', '--config.data.num_mel_bins=64',
+              '--config.mask_patch=6', '--config.eval_mask_patch=6', '--config.batch_size=8']
+    run = subprocess.run(
+        [sys.executable, '-m', 'ssast_jax.bench', '--config', str(ROOT / 'configs' /
+         'pretrain_joint.py'), *config, '--steps=0'], env=env(devices), capture_output=True,
+        text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result['devices'] == devices
+    return result['flops_per_step']
+
+  assert compiled_flops(2) == pytest.approx(compiled_flops(1), rel=0.05)
 
 
 def test_breakdown_needs_timed_steps():
