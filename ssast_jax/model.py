@@ -176,12 +176,14 @@ def _heads_attention_forward(q, k, v):
 def _heads_attention_backward(residuals, d_out):
   q, k, v, probs, out = residuals
   f32 = jnp.float32
-  d_v = jnp.einsum('bnts,bnth->bnsh', probs, d_out)
+  # Key and value gradients are computed with (d, T) outputs, transposed after: XLA:CPU
+  # runs these products about 1.3x faster than with (T, d) outputs.
+  d_v = jnp.swapaxes(jnp.einsum('bnth,bnts->bnhs', d_out, probs), -1, -2)
   d_probs = jnp.einsum('bnth,bnsh->bnts', d_out, v, preferred_element_type=f32)
   row_term = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1, keepdims=True)
   d_scores = (probs.astype(f32) * (d_probs - row_term)).astype(q.dtype)
   return (jnp.einsum('bnts,bnsh->bnth', d_scores, k),
-          jnp.einsum('bnts,bnth->bnsh', d_scores, q), d_v)
+          jnp.swapaxes(jnp.einsum('bnth,bnts->bnhs', q, d_scores), -1, -2), d_v)
 
 
 heads_attention.defvjp(_heads_attention_forward, _heads_attention_backward)
