@@ -2,11 +2,11 @@
 
 XLA:CPU allocates a compiled program's temporaries (1.4 GB for the tiny model's batch-8
 training step) with `malloc` at each execution and frees them at its end. glibc serves
-allocations that large, and every allocation made from one of XLA's worker threads (which
-get their own 64 MB arenas), with `mmap`, and returns them to the kernel on `free`; the
-next step then faults every page in again and the kernel zeroes it. On the 2-core
-reference machine that is 358k page faults per step, 0.44 of the cores' time in the
-kernel and a quarter of the step time (README, Performance).
+allocations that large with `mmap` (an arena of one of XLA's worker threads cannot grow
+past 64 MB, so a higher mmap threshold alone does not help) and returns them to the kernel
+on `free`; the next step then faults every page in again and the kernel zeroes it. On the
+2-core reference machine that is 358-368k page faults per step, system time 0.42-0.46 of
+the wall time, and a fifth of the step time (README, Performance).
 
 `reuse_freed_memory` makes glibc keep freed memory instead: one arena for all threads, no
 `mmap` for large blocks, no trimming of the heap. It must run before JAX creates its CPU
