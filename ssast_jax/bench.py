@@ -10,7 +10,8 @@ together (see `devices_peak_flops`).
 when freed host memory is reused (`host_memory`), hundreds of thousands when it is not.
 `--steps=0` compiles without running or allocating (memory of big configs).
 `--breakdown` adds `time_by_scope`: milliseconds per step spent in each named scope of the
-model, forward and backward, from a profiler trace of the timed steps.
+model, forward and backward, from a profiler trace of the timed steps (with
+`--compare_joint_passes`, one per mode).
 `--compare_joint_passes` times both joint modes in one run, step by step in turns, and
 adds the other mode's figures and `one_pass_speedup`. The last line printed is a JSON
 object.
@@ -148,7 +149,8 @@ def benchmark(config, steps: int, warmup_steps: int = 2, breakdown: bool = False
   """Compiles the training step of `config` exactly as training does (mesh, shardings,
   accumulation, remat, dtype) and times `steps` steps; `steps=0` only compiles, without
   allocating the state, so the memory of configs too big to run can be read.
-  `breakdown` then runs the `steps` again under the profiler (see module doc).
+  `breakdown` then runs the `steps` again under the profiler (see module doc), for each
+  compared mode.
   `compare_joint_passes` also times the step with the other `joint_passes`, in turns with
   this one, and reports it under `joint_passes_N` with `one_pass_speedup`, the two-pass
   step's time over the one-pass step's.
@@ -192,8 +194,9 @@ def benchmark(config, steps: int, warmup_steps: int = 2, breakdown: bool = False
     two, one = sorted(reports, key=lambda r: -r['joint_passes'])
     result['one_pass_speedup'] = two['step_s'] / one['step_s']
   if breakdown:
-    compiled_step, _, batch = runs[0]
-    result['time_by_scope'] = traced_time_by_scope(compiled_step, states[0], batch, steps, log)
+    for report, (compiled_step, _, batch), state in zip(reports, runs, states):
+      log(f'time by scope, joint_passes={report["joint_passes"]}:')
+      report['time_by_scope'] = traced_time_by_scope(compiled_step, state, batch, steps, log)
   return result
 
 

@@ -387,6 +387,20 @@ def test_benchmark_compares_joint_passes_in_one_run():
   assert one['matmul_peak_flops'] == result['matmul_peak_flops']
 
 
+def test_breakdown_of_a_comparison_covers_both_joint_modes():
+  """With both flags each mode gets its own table, from its own trace."""
+  logged = []
+  result = benchmark(_config(model__depth=1), steps=1, warmup_steps=1, breakdown=True,
+                     compare_joint_passes=True, log=logged.append)
+  two, one = result['time_by_scope'], result['joint_passes_1']['time_by_scope']
+  for table in (two, one):
+    for scope in ('attention_core', 'mlp_fc1', 'layer_norm'):
+      assert table[scope]['forward'] > 0 and table[scope]['backward'] > 0, scope
+  assert two != one
+  assert [line for line in logged if line.startswith('time by scope')] == [
+      'time by scope, joint_passes=2:', 'time by scope, joint_passes=1:']
+
+
 def test_timed_steps_count_each_steps_page_faults():
   """A 'step' that writes 8 MiB of freshly mapped memory faults in at least its 2,048 pages
   each time (`page_faults_per_step` shows whether freed memory is reused)."""
