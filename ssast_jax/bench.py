@@ -122,7 +122,8 @@ def compiled_facts(config, log=print) -> tuple:
   return setup, compiled, facts
 
 
-def timed_steps(runs: list, steps: int, warmup_steps: int, log=print) -> tuple[list, list, list]:
+def timed_steps(runs: list, steps: int, warmup_steps: int,
+                log=print) -> tuple[list, list, list]:
   """(seconds of each of `steps` calls, the process's minor page faults during each, final
   state) of every `(compiled, state, batch)` in `runs` (whose states are donated), taking
   turns step by step so that changes in the machine's load affect all of them alike."""
