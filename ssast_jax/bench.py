@@ -4,8 +4,8 @@ python -m ssast_jax.bench --config=configs/pretrain_joint.py [--config.x=y ...] 
 
 Synthetic batches, no data loading. FLOPs (the model work of the whole step on all devices;
 see `model_flops`) and memory (per device) come from XLA's analysis of the compiled step;
-the peak is a large matmul of the step's dtype measured in the same run, for all devices
-together (see `devices_peak_flops`).
+the peak is a large matmul of the step's dtype timed between the timed steps of the same
+run (median), for all devices together (see `devices_peak_flops`).
 `page_faults_per_step` counts the process's minor page faults per timed step: near zero
 when freed host memory is reused (`host_memory`), hundreds of thousands when it is not.
 `--steps=0` compiles without running or allocating (memory of big configs).
@@ -46,20 +46,22 @@ _COMPARE = flags.DEFINE_bool(
     'compare_joint_passes', False, 'Also time the step with the other joint_passes (1 or 2), '
     'in turns with this one, and report the speed-up of one pass over two.')
 flags.mark_flags_as_required(['config'])
+PEAK_SAMPLES_PER_ROUND = 3  # peak matmuls timed after each round of steps
 
 
-def matmul_peak_flops(dtype, size: int = 2048, repeats: int = 5) -> float:
-  """FLOP/s of a large square matmul in `dtype` on the default device (median)."""
+def matmul_rate(dtype, size: int = 2048):
+  """A function that runs one `size`^3 matmul of `dtype` on the default device and
+  returns its FLOP/s (compiled and run once here, so every call is a measurement)."""
   a = jax.random.normal(jax.random.key(0), (size, size), dtype)
   b = jax.random.normal(jax.random.key(1), (size, size), dtype)
   matmul = jax.jit(lambda x, y: x @ y)
   matmul(a, b).block_until_ready()
-  times = []
-  for _ in range(repeats):
+
+  def rate() -> float:
     start = time.perf_counter()
     matmul(a, b).block_until_ready()
-    times.append(time.perf_counter() - start)
-  return 2 * size ** 3 / statistics.median(times)
+    return 2 * size ** 3 / (time.perf_counter() - start)
+  return rate
 
 
 def peak_memory_bytes(compiled) -> int:
@@ -98,11 +100,11 @@ def model_flops(config, compiled, log=print) -> float:
   return float(compiled.cost_analysis()['flops']) * jax.device_count()
 
 
-def devices_peak_flops(dtype) -> float:
-  """The matmul peak of all devices together: one device's times the device count, except
-  on CPU, whose devices share the host's cores (one device's matmul already uses them all).
-  """
-  peak = matmul_peak_flops(dtype)
+def devices_peak_flops(one_device_rates: list[float]) -> float:
+  """The matmul peak of all devices together from one device's measured rates (median):
+  one device's times the device count, except on CPU, whose devices share the host's
+  cores (one device's matmul already uses them all)."""
+  peak = statistics.median(one_device_rates)
   return peak if jax.devices()[0].platform == 'cpu' else peak * jax.device_count()
 
 
@@ -122,11 +124,12 @@ def compiled_facts(config, log=print) -> tuple:
   return setup, compiled, facts
 
 
-def timed_steps(runs: list, steps: int, warmup_steps: int,
-                log=print) -> tuple[list, list, list]:
+def timed_steps(runs: list, steps: int, warmup_steps: int, log=print,
+                after_round=None) -> tuple[list, list, list]:
   """(seconds of each of `steps` calls, the process's minor page faults during each, final
   state) of every `(compiled, state, batch)` in `runs` (whose states are donated), taking
-  turns step by step so that changes in the machine's load affect all of them alike."""
+  turns step by step so that changes in the machine's load affect all of them alike.
+  `after_round()`, if given, runs after each round of timed steps, outside their times."""
   states = [state for _, state, _ in runs]
   for i, (compiled, _, batch) in enumerate(runs):
     for _ in range(warmup_steps):
@@ -141,6 +144,8 @@ def timed_steps(runs: list, steps: int, warmup_steps: int,
       jax.block_until_ready(metrics)
       times[i].append(time.perf_counter() - start)
       faults[i].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before)
+    if after_round is not None:
+      after_round()
     log(f'step {step + 1}/{steps}: ' + ', '.join(f'{t[-1]:.3f} s' for t in times))
   return times, faults, states
 
@@ -179,14 +184,20 @@ def benchmark(config, steps: int, warmup_steps: int = 2, breakdown: bool = False
         np.random.default_rng(0).normal(size=batch_shape(c)).astype(np.float32),
         setup.batch_sharding)
     runs.append((step, setup.init(), batch))
-  times, faults, states = timed_steps(runs, steps, warmup_steps, log)
-  peak = devices_peak_flops(jnp.dtype(config.dtype))
+  # The peak is sampled between the rounds of steps, so that both see the machine in the
+  # same state: on a shared host the speed of the cores drifts by tens of percent.
+  matmul = matmul_rate(jnp.dtype(config.dtype))
+  rates = []
+  times, faults, states = timed_steps(
+      runs, steps, warmup_steps, log,
+      after_round=lambda: rates.extend(matmul() for _ in range(PEAK_SAMPLES_PER_ROUND)))
+  peak = devices_peak_flops(rates)
   reports = []
   for c, (_, _, facts), t, f in zip(configs, compiled, times, faults):
     step_s = statistics.median(t)
     reports.append({'step_s': step_s, 'clips_per_s': c.batch_size / step_s,
                     'achieved_flops': facts['flops_per_step'] / step_s,
-                    'matmul_peak_flops': peak,
+                    'matmul_peak_flops': peak, 'matmul_peak_samples': len(rates),
                     'mfu': facts['flops_per_step'] / step_s / peak,
                     'page_faults_per_step': statistics.median(f), **facts})
   result = reports[0]

@@ -25,7 +25,7 @@ from jax.extend import core as jax_core
 from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 
 from ssast_jax import config_checks, config_defaults, losses, profiling, sharding
-from ssast_jax.bench import benchmark, peak_memory_bytes, timed_steps
+from ssast_jax.bench import PEAK_SAMPLES_PER_ROUND, benchmark, peak_memory_bytes, timed_steps
 from ssast_jax.data.demo import write_demo_dataset
 from ssast_jax.model import SSAST, ModelConfig
 from ssast_jax.train import model_config, step_settings
@@ -389,20 +389,24 @@ def test_benchmark_compares_joint_passes_in_one_run():
   assert (result['joint_passes'], one['joint_passes']) == (2, 1)
   assert 0.4 < one['flops_per_step'] / result['flops_per_step'] < 0.6
   assert result['one_pass_speedup'] == result['step_s'] / one['step_s']
-  assert one['matmul_peak_flops'] == result['matmul_peak_flops']
+  assert one['matmul_peak_flops'] == result['matmul_peak_flops'] > 0
+  assert result['matmul_peak_samples'] == 2 * PEAK_SAMPLES_PER_ROUND
 
 
-def test_timed_steps_count_each_steps_page_faults():
+def test_timed_steps_count_each_steps_page_faults_and_run_between_rounds():
   """A 'step' that writes 8 MiB of freshly mapped memory faults in at least its 2,048 pages
-  each time (`page_faults_per_step` shows whether freed memory is reused)."""
+  each time (`page_faults_per_step` shows whether freed memory is reused); `after_round`
+  runs once after each timed round (the peak matmul samples), not after warm-up steps."""
   def step_on_fresh_pages(state, batch):
     with mmap.mmap(-1, 8 << 20) as fresh:
       fresh.write(b'x' * (8 << 20))
     return state + 1, batch
 
+  rounds_done = []
   times, faults, states = timed_steps([(step_on_fresh_pages, 0, np.zeros(1))], steps=3,
-                                      warmup_steps=1, log=lambda m: None)
-  assert len(times[0]) == 3 and states == [4]
+                                      warmup_steps=1, log=lambda m: None,
+                                      after_round=lambda: rounds_done.append(1))
+  assert len(times[0]) == 3 and states == [4] and len(rounds_done) == 3
   assert all(count >= 2048 for count in faults[0]), faults
 
 
