@@ -25,7 +25,8 @@ from jax.extend import core as jax_core
 from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 
 from ssast_jax import config_checks, config_defaults, losses, profiling, sharding
-from ssast_jax.bench import PEAK_SAMPLES_PER_ROUND, benchmark, peak_memory_bytes, timed_steps
+from ssast_jax.bench import (PEAK_SAMPLES_PER_ROUND, benchmark, devices_peak_flops,
+                             peak_memory_bytes, timed_steps)
 from ssast_jax.data.demo import write_demo_dataset
 from ssast_jax.model import SSAST, ModelConfig
 from ssast_jax.train import model_config, step_settings
@@ -408,6 +409,13 @@ def test_timed_steps_count_each_steps_page_faults_and_run_between_rounds():
                                       after_round=lambda: rounds_done.append(1))
   assert len(times[0]) == 3 and states == [4] and len(rounds_done) == 3
   assert all(count >= 2048 for count in faults[0]), faults
+
+
+def test_peak_is_the_median_of_the_samples_taken_between_steps():
+  """On CPU the devices share the cores, so the peak is one device's median rate, not
+  times the device count; one slow or fast sample does not move it."""
+  assert jax.devices()[0].platform == 'cpu'
+  assert devices_peak_flops([3.0, 1.0, 100.0, 2.0, 4.0]) == 3.0
 
 
 def test_compile_only_comparison_reports_both_joint_modes():
