@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ssast_jax import linear
+
 # (embedding width, attention heads) of the published sizes; all have 12 blocks.
 MODEL_SIZES = {'tiny': (192, 3), 'small': (384, 6), 'base': (768, 12)}
 DEFAULT_DEPTH = 12
@@ -135,8 +137,12 @@ VIT_LINEAR_INIT = nnx.initializers.normal(0.02)  # timm: trunc_normal(std=.02), 
 
 
 def vit_linear(in_features: int, out_features: int, config: ModelConfig, rngs: nnx.Rngs):
+  """An encoder block's dense layer. With remat its product stays JAX's own
+  `dot_general`, whose outputs the `remat_policy` can name and keep; `linear.dot_general`
+  would hide them inside its derivative."""
   return nnx.Linear(in_features, out_features, kernel_init=VIT_LINEAR_INIT,
                     bias_init=nnx.initializers.zeros_init(), dtype=config.compute_dtype,
+                    dot_general=jax.lax.dot_general if config.remat else linear.dot_general,
                     rngs=rngs)
 
 
@@ -276,7 +282,7 @@ class PatchEmbed(nnx.Module):
 
   def __call__(self, patches):
     kernel = self.kernel[...].astype(self.dtype)
-    return patches.astype(self.dtype) @ kernel + self.bias[...].astype(self.dtype)
+    return linear.matmul(patches.astype(self.dtype), kernel) + self.bias[...].astype(self.dtype)
 
 
 class PretextHead(nnx.Module):
@@ -286,9 +292,11 @@ class PretextHead(nnx.Module):
     dim = config.embed_dim
     init = torch_default_uniform(dim)
     self.hidden = nnx.Linear(dim, dim, kernel_init=init, bias_init=init,
-                             dtype=config.compute_dtype, rngs=rngs)
+                             dtype=config.compute_dtype, dot_general=linear.dot_general,
+                             rngs=rngs)
     self.out = nnx.Linear(dim, config.pred_dim, kernel_init=init, bias_init=init,
-                          dtype=config.compute_dtype, rngs=rngs)
+                          dtype=config.compute_dtype, dot_general=linear.dot_general,
+                          rngs=rngs)
 
   def __call__(self, h):
     with jax.named_scope('pretext_heads'):

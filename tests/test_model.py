@@ -8,7 +8,7 @@ import torch
 from flax import nnx
 
 import ssast_jax
-from ssast_jax import ModelConfig
+from ssast_jax import ModelConfig, linear
 from ssast_jax.model import (SSAST, abstract_model, exact_gelu, patchify,
                              resolved_attention)
 
@@ -137,3 +137,34 @@ def test_gelu_is_torchs_exact_gelu():
   expected = torch.nn.functional.gelu(torch.from_numpy(x)).numpy()
   np.testing.assert_allclose(np.asarray(exact_gelu(jnp.asarray(x))), expected,
                              rtol=1e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize('dtype, rtol, atol', [(jnp.float32, 1e-6, 1e-5),
+                                               (jnp.bfloat16, 2e-2, 1e-1)])
+def test_linear_matmul_derivative_is_jaxs(dtype, rtol, atol):
+  """The hand-written derivative of `linear.matmul` gives JAX's own gradients of
+  `x @ kernel`, for token batches of any rank, in the compute dtypes."""
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(2, 5, 7, 12)), dtype)
+  kernel = jnp.asarray(rng.normal(size=(12, 9)), dtype)
+  weights = jnp.asarray(rng.normal(size=(2, 5, 7, 9)), dtype)
+
+  def loss(product):
+    return lambda x, kernel: jnp.sum(product(x, kernel).astype(jnp.float32) * weights)
+  ours = jax.grad(loss(linear.matmul), argnums=(0, 1))(x, kernel)
+  jaxs = jax.grad(loss(lambda a, b: a @ b), argnums=(0, 1))(x, kernel)
+  for a, b in zip(ours, jaxs):
+    assert a.dtype == b.dtype == dtype and a.shape == b.shape
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                               rtol=rtol, atol=atol)
+  np.testing.assert_array_equal(linear.matmul(x, kernel), x @ kernel)
+
+
+def test_linear_dot_general_refuses_what_it_does_not_compute():
+  x, kernel = jnp.ones((3, 4)), jnp.ones((4, 5))
+  layer = nnx.Linear(4, 5, dot_general=linear.dot_general, rngs=nnx.Rngs(0))
+  np.testing.assert_allclose(layer(x), x @ layer.kernel[...] + layer.bias[...], rtol=1e-6)
+  with pytest.raises(NotImplementedError, match='x @ kernel only'):
+    linear.dot_general(x, kernel.T, (((1,), (1,)), ((), ())))
+  with pytest.raises(NotImplementedError, match="default options only.*'precision'"):
+    linear.dot_general(x, kernel, (((1,), (0,)), ((), ())), precision=jax.lax.Precision.HIGHEST)
