@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ssast_jax import layer_norm as layer_norm_lib
 from ssast_jax import linear
 
 # (embedding width, attention heads) of the published sizes; all have 12 blocks.
@@ -147,7 +148,8 @@ def vit_linear(in_features: int, out_features: int, config: ModelConfig, rngs: n
 
 
 def layer_norm(dim: int, config: ModelConfig, rngs: nnx.Rngs):
-  return nnx.LayerNorm(dim, epsilon=LAYER_NORM_EPSILON, dtype=config.compute_dtype, rngs=rngs)
+  return layer_norm_lib.LayerNorm(dim, epsilon=LAYER_NORM_EPSILON, dtype=config.compute_dtype,
+                                  rngs=rngs)
 
 
 def explicit_attention(qkv: jax.Array) -> jax.Array:

@@ -9,6 +9,7 @@ from flax import nnx
 
 import ssast_jax
 from ssast_jax import ModelConfig, linear
+from ssast_jax import layer_norm as layer_norm_lib
 from ssast_jax.model import (SSAST, abstract_model, exact_gelu, patchify,
                              resolved_attention)
 
@@ -168,3 +169,38 @@ def test_linear_dot_general_refuses_what_it_does_not_compute():
     linear.dot_general(x, kernel.T, (((1,), (1,)), ((), ())))
   with pytest.raises(NotImplementedError, match="default options only.*'precision'"):
     linear.dot_general(x, kernel, (((1,), (0,)), ((), ())), precision=jax.lax.Precision.HIGHEST)
+
+
+@pytest.mark.parametrize('dtype, rtol, atol', [(jnp.float32, 1e-5, 1e-5),
+                                               (jnp.bfloat16, 2e-2, 5e-2)])
+def test_layer_norm_is_flaxs_with_the_same_gradients(dtype, rtol, atol):
+  """`layer_norm.LayerNorm` computes flax's LayerNorm, and its hand-written derivative
+  gives JAX's gradients of it, for the input, scale and bias, in both compute dtypes."""
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(1.5, 2.0, size=(3, 11, 48)), dtype)
+  d_y = jnp.asarray(rng.normal(size=(3, 11, 48)), jnp.float32)
+  ours = layer_norm_lib.LayerNorm(48, epsilon=1e-6, dtype=dtype, rngs=nnx.Rngs(0))
+  flaxs = nnx.LayerNorm(48, epsilon=1e-6, dtype=dtype, rngs=nnx.Rngs(0))
+  for layer in (ours, flaxs):
+    layer.scale[...] = jnp.asarray(rng.normal(1.0, 0.3, size=48), jnp.float32)
+    layer.bias[...] = jnp.asarray(rng.normal(size=48), jnp.float32)
+  flaxs.scale[...], flaxs.bias[...] = ours.scale[...], ours.bias[...]
+
+  def value_and_grads(layer):
+    graphdef, params = nnx.split(layer)
+
+    def loss(params, x):
+      y = nnx.merge(graphdef, params)(x)
+      return jnp.sum(y.astype(jnp.float32) * d_y), y
+    (_, y), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+    return y, grads
+  (y_ours, grads_ours), (y_flax, grads_flax) = value_and_grads(ours), value_and_grads(flaxs)
+  assert y_ours.dtype == y_flax.dtype == dtype
+  np.testing.assert_allclose(np.asarray(y_ours, np.float32), np.asarray(y_flax, np.float32),
+                             rtol=1e-6, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads_ours), jax.tree.leaves(grads_flax)):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                               rtol=rtol, atol=atol)
+  with pytest.raises(NotImplementedError, match='no mask'):
+    ours(x, mask=jnp.ones(x.shape, bool))
