@@ -2,10 +2,10 @@
 
 The forward pass is flax's `nnx.LayerNorm` (statistics in float32, variance as
 `max(0, E[x^2] - E[x]^2)`, eps inside the square root); the parameters are the same
-`scale` and `bias`, so checkpoints do not change. JAX's derivative of that forward pass
-differentiates both moments and, on XLA:CPU, writes each `scale` out as an
-activation-sized array; the textbook derivative of the normalisation is cheaper: training
-steps about 1.02-1.05x faster on CPU. Gradients agree with JAX's to float rounding (test).
+`scale` and `bias`, so checkpoints do not change. Instead of JAX's derivative of that
+forward pass, which differentiates both moments, the textbook derivative of the
+normalisation: training steps about 1.02-1.05x faster on CPU. Gradients agree with JAX's
+to float rounding (test).
 """
 
 from __future__ import annotations
