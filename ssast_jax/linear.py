@@ -4,7 +4,7 @@ JAX's own derivative of `x @ kernel` asks for the kernel gradient as a contracti
 operand order makes XLA:CPU first copy a transposed output gradient (or input) of the
 layer (up to 12.6 MB per layer per step for the tiny model at batch 8; 48 such copies
 per training step), then run the product. Stated as `einsum('ni,no->io', x, dy)`, the
-same product needs no copy; training steps run about 1.14x faster on CPU. The values are
+same product needs no copy; training steps run 1.08-1.14x faster on CPU. The values are
 the same products, so they agree with JAX's derivative to float rounding (test).
 """
 
