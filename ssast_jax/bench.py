@@ -117,7 +117,8 @@ def compiled_facts(config, log=print) -> tuple:
   facts = {'flops_per_step': model_flops(config, compiled, log),
            'peak_memory_bytes': peak_memory_bytes(compiled), 'compile_s': compile_s,
            'batch_size': config.batch_size, 'joint_passes': config.joint_passes,
-           'grad_accum_steps': config.grad_accum_steps, 'remat': config.remat,
+           'grad_accum_steps': config.grad_accum_steps,
+           'batch_invariant': config.batch_invariant, 'remat': config.remat,
            'remat_policy': config.remat_policy if config.remat else None,
            'dtype': config.dtype, 'mesh': dict(setup.mesh.shape),
            'devices': jax.device_count(), 'platform': jax.devices()[0].platform}

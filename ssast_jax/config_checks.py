@@ -142,6 +142,8 @@ def _check_scale(config) -> None:
   _require(config.batch_size % config.grad_accum_steps == 0,
            f'batch_size {config.batch_size} is not divisible by grad_accum_steps '
            f'{config.grad_accum_steps}')
+  _require(config.batch_invariant in (True, False),
+           f'batch_invariant must be True or False; got {config.batch_invariant!r}')
   profile_range(config)
 
 
@@ -162,8 +164,11 @@ def profile_range(config) -> tuple[int, int] | None:
   return first, last
 
 
-def check_devices(config, device_count: int) -> None:
-  """Raises ConfigError when `fsdp` or the batch do not split over `device_count` devices."""
+def check_devices(config, device_count: int, platform: str = 'cpu') -> None:
+  """Raises ConfigError when `fsdp` or the batch do not split over `device_count` devices,
+  or `batch_invariant` is asked for on another platform than the CPU."""
+  _require(not config.get('batch_invariant', False) or platform == 'cpu',
+           f'batch_invariant is an XLA:CPU setting; the devices here are {platform}')
   _require(device_count % config.fsdp == 0,
            f'fsdp is {config.fsdp}, which does not divide the {device_count} devices')
   micro_batch = config.batch_size // config.grad_accum_steps

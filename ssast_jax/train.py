@@ -80,8 +80,9 @@ class StepSetup:
 
 def step_setup(config) -> StepSetup:
   """Mesh, state layout and jitted step for `config` on all devices; raises ConfigError
-  when `fsdp` or the batch do not split over them."""
-  config_checks.check_devices(config, jax.device_count())
+  when `fsdp` or the batch do not split over them, or `batch_invariant` is set off the
+  CPU."""
+  config_checks.check_devices(config, jax.device_count(), jax.default_backend())
   mcfg, settings = model_config(config), step_settings(config)
   mesh = sharding.make_mesh(config.fsdp)
 
@@ -93,7 +94,8 @@ def step_setup(config) -> StepSetup:
   graphdef, _ = abstract_model(mcfg)
   return StepSetup(mesh, graphdef, settings, sharding.with_shardings(abstract, state_sharding),
                    jax.jit(fresh_state, out_shardings=state_sharding),
-                   jit_train_step(graphdef, settings, mesh, state_sharding))
+                   jit_train_step(graphdef, settings, mesh, state_sharding,
+                                  config.get('batch_invariant', False)))
 
 
 @dataclasses.dataclass

@@ -162,13 +162,24 @@ def train_step(state: dict, fbank: jax.Array, *, graphdef, settings, mesh=None
   return new_state, metrics
 
 
-def jit_train_step(graphdef, settings: StepSettings, mesh, state_sharding):
+# XLA:CPU hands fused element-wise operations and reductions to YNNPACK, which rounds a
+# token's LayerNorm statistics differently in a batch of 2 clips and one of 8; handing it
+# single matrix products only, a clip's forward pass rounds the same in any batch (at the
+# reference geometry; matrix products of a few dozen rows still differ).
+BATCH_INVARIANT_CPU_OPTIONS = {
+    'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}
+
+
+def jit_train_step(graphdef, settings: StepSettings, mesh, state_sharding,
+                   batch_invariant: bool = False):
   """`train_step` compiled for `mesh`: the state (donated) stays in `state_sharding`, the
-  batch is split over every device, metrics come back replicated."""
+  batch is split over every device, metrics come back replicated. `batch_invariant`
+  (CPU only) compiles with `BATCH_INVARIANT_CPU_OPTIONS`."""
   return jax.jit(
       functools.partial(train_step, graphdef=graphdef, settings=settings, mesh=mesh),
       in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-      out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0)
+      out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=0,
+      compiler_options=BATCH_INVARIANT_CPU_OPTIONS if batch_invariant else None)
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'settings', 'mesh'))

@@ -25,14 +25,16 @@ from jax.extend import core as jax_core
 from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 
 from ssast_jax import config_checks, config_defaults, losses, profiling, sharding
+from ssast_jax.check_accumulation import flat, proportional_adam, relative_gap, update_gaps
 from ssast_jax.bench import (PEAK_SAMPLES_PER_ROUND, benchmark, devices_peak_flops,
                              peak_memory_bytes, timed_steps)
 from ssast_jax.data.demo import write_demo_dataset
 from ssast_jax.model import SSAST, ModelConfig
 from ssast_jax.train import model_config, step_settings
 from runs import ROOT, env, run_main, tiny_run_flags, train_losses
-from ssast_jax.train_step import (MPC_PASS, MPG_PASS, batch_gradients, draw_masks,
-                                  example_keys, init_state, train_step)
+from ssast_jax.train_step import (BATCH_INVARIANT_CPU_OPTIONS, MPC_PASS, MPG_PASS,
+                                  batch_gradients, draw_masks, example_keys, init_state,
+                                  train_step)
 
 
 
@@ -61,14 +63,6 @@ def _step_parts(config):
 def _batch(config, seed=0):
   shape = (config.batch_size, config.data.target_length, config.data.num_mel_bins)
   return jnp.asarray(np.random.default_rng(seed).normal(size=shape).astype(np.float32))
-
-
-def _flat(tree):
-  return np.concatenate([np.ravel(np.asarray(x, np.float32)) for x in jax.tree.leaves(tree)])
-
-
-def _relative(a, b):
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 # --- FSDP -------------------------------------------------------------------------------
@@ -167,16 +161,6 @@ def test_fsdp_that_does_not_divide_the_devices_is_refused():
 
 # --- gradient accumulation --------------------------------------------------------------
 
-def _warmed_adam(state):
-  """The state with Adam's second moments at 1 and its bias corrections at 1, so that an
-  update is proportional to the gradient (a fresh Adam's first update is its sign, which
-  would hide a wrong gradient scale)."""
-  decay, adam = state['opt_state']
-  adam = adam._replace(count=jnp.asarray(10 ** 6, adam.count.dtype),
-                       nu=jax.tree.map(jnp.ones_like, adam.nu))
-  return {**state, 'opt_state': (decay, adam)}
-
-
 def test_accumulated_step_is_the_whole_batch_step():
   """grad_accum_steps=4 on a batch of 8 makes the update of one batch of 8.
 
@@ -189,7 +173,7 @@ def test_accumulated_step_is_the_whole_batch_step():
   """
   config = _config(lr=1.0)
   mcfg, graphdef, settings = _step_parts(config)
-  state = _warmed_adam(init_state(mcfg, config.seed, config.lr))
+  state = proportional_adam(init_state(mcfg, config.seed, config.lr))
   fbank = _batch(config)
   results = {}
   for accum in (1, 4):
@@ -200,10 +184,54 @@ def test_accumulated_step_is_the_whole_batch_step():
   (whole, whole_metrics), (accumulated, accumulated_metrics) = results[1], results[4]
   for key in ('loss', 'mpc_loss', 'mpg_loss', 'mpc_acc', 'grad_norm'):
     np.testing.assert_allclose(accumulated_metrics[key], whole_metrics[key], rtol=1e-6)
-  before = _flat(state['params'])
-  update = _flat(whole['params']) - before
-  assert _relative(_flat(accumulated['params']) - before, update) < 5e-6
+  before = flat(state['params'])
+  update = flat(whole['params']) - before
+  assert relative_gap(flat(accumulated['params']) - before, update) < 5e-6
   assert int(accumulated['step']) == 1
+
+
+def _reference_geometry(**overrides):
+  """One block of the tiny model on the reference input: 1024 x 128, 16 x 16 patches,
+  400 masked, batch 8."""
+  return _config(data__target_length=1024, data__num_mel_bins=128, mask_patch=400,
+                 eval_mask_patch=400, **overrides)
+
+
+def test_batch_invariant_accumulation_is_the_whole_batch_update():
+  """With `batch_invariant`, grad_accum_steps=4 makes the whole batch's update within 1e-6
+  at the reference geometry. Without it, XLA:CPU rounds the LayerNorm statistics of a
+  2-clip micro-batch differently, one ReLU of the MPG head flips, and the gap is 1.2e-5."""
+  [gap] = update_gaps(_reference_geometry(grad_accum_steps=4, batch_invariant=True), 1,
+                      log=lambda _: None)
+  assert gap < 1e-6
+
+
+def test_accumulation_check_needs_micro_batches():
+  with pytest.raises(config_checks.ConfigError,
+                     match='grad_accum_steps is 1; give 2 or more to compare'):
+    update_gaps(_config(), 1)
+
+
+def test_batch_invariant_encodes_a_clip_alike_in_any_batch():
+  """The compiled step's encoder, on clips 0-1 of a batch of 8 and on those two alone:
+  bitwise the same outputs with `batch_invariant` (up to 1.8e-6 apart without)."""
+  config = _reference_geometry()
+  mcfg, graphdef, _ = _step_parts(config)
+  params = init_state(mcfg, 0, 1e-4)['params']
+  fbank = _batch(config)
+  mask = draw_masks(example_keys(0, 0, MPG_PASS, 8), (8, 64), 400, 'cluster', 3)
+  encode = jax.jit(lambda p, x, m: nnx.merge(graphdef, p).encode(x, m),
+                   compiler_options=BATCH_INVARIANT_CPU_OPTIONS)
+  whole, alone = encode(params, fbank, mask), encode(params, fbank[:2], mask[:2])
+  np.testing.assert_array_equal(np.asarray(whole)[:2], np.asarray(alone))
+
+
+def test_batch_invariant_is_refused_off_the_cpu():
+  with pytest.raises(config_checks.ConfigError,
+                     match='batch_invariant is an XLA:CPU setting; the devices here are gpu'):
+    config_checks.check_devices(_config(batch_invariant=True), 1, 'gpu')
+  with pytest.raises(config_checks.ConfigError, match="batch_invariant must be True or False"):
+    config_checks.check_config(_config(batch_invariant=None), check_data=False)
 
 
 def test_accumulated_gradients_keep_each_clips_masks():
@@ -252,7 +280,7 @@ def test_remat_gives_the_same_gradients_with_less_memory():
     compiled = jax.jit(functools.partial(batch_gradients, graphdef=graphdef,
                                          settings=settings)).lower(params, fbank, *masks).compile()
     metrics, grads = compiled(params, fbank, *masks)
-    results[remat, policy] = float(metrics['loss']), _flat(grads), peak_memory_bytes(compiled)
+    results[remat, policy] = float(metrics['loss']), flat(grads), peak_memory_bytes(compiled)
   plain_loss, plain_grads, plain_memory = results[False, 'nothing_saveable']
   for loss, grads, _ in results.values():
     np.testing.assert_allclose(loss, plain_loss, rtol=1e-6)
