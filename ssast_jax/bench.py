@@ -10,15 +10,17 @@ run (median), for all devices together (see `devices_peak_flops`).
 when freed host memory is reused (`host_memory`), hundreds of thousands when it is not.
 `--steps=0` compiles without running or allocating (memory of big configs).
 `--breakdown` adds `time_by_scope`: milliseconds per step spent in each named scope of the
-model, forward and backward, from a profiler trace of the timed steps (with
-`--compare_joint_passes`, one per mode).
+model, forward and backward, from a profiler trace of the timed steps (with a comparison,
+one per compared step).
 `--compare_joint_passes` times both joint modes in one run, step by step in turns, and
-adds the other mode's figures and `one_pass_speedup`. The last line printed is a JSON
-object.
+adds the other mode's figures and `one_pass_speedup`. `--compare_with=KEY=VALUE,...` does
+the same for the config with those overrides (e.g. `batch_invariant=True`), under
+`compared` with `compared_speedup`. The last line printed is a JSON object.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import resource
 import statistics
@@ -45,6 +47,11 @@ _BREAKDOWN = flags.DEFINE_bool('breakdown', False, 'Also trace the timed steps w
 _COMPARE = flags.DEFINE_bool(
     'compare_joint_passes', False, 'Also time the step with the other joint_passes (1 or 2), '
     'in turns with this one, and report the speed-up of one pass over two.')
+_COMPARE_WITH = flags.DEFINE_string(
+    'compare_with', '', "Also time the step of the config with these overrides, "
+    "'KEY=VALUE[,KEY=VALUE ...]' (e.g. 'batch_invariant=True' or "
+    "'model.attention=dot_product_attention'), in turns with this one, and report the "
+    "speed-up of this step over it.")
 flags.mark_flags_as_required(['config'])
 PEAK_SAMPLES_PER_ROUND = 3  # peak matmuls timed after each round of steps
 
@@ -151,8 +158,36 @@ def timed_steps(runs: list, steps: int, warmup_steps: int, log=print,
   return times, faults, states
 
 
+def overridden(config, overrides: str):
+  """A copy of `config` with `overrides` 'KEY=VALUE[,KEY=VALUE ...]' applied (values as
+  Python literals, else strings), checked as a config."""
+  other = config.copy_and_resolve_references()
+  for item in overrides.split(','):
+    key, equals, text = (part.strip() for part in item.partition('='))
+    if not equals or not key:
+      raise config_checks.ConfigError(f'--compare_with: {item!r} is not KEY=VALUE')
+    *parents, name = key.split('.')
+    node = other
+    for parent in parents:
+      node = node.get(parent)
+      if not hasattr(node, 'keys'):
+        break
+    if not hasattr(node, 'keys') or name not in node:
+      raise config_checks.ConfigError(f'--compare_with: the config has no key {key!r}')
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    try:
+      node[name] = value
+    except TypeError as error:
+      raise config_checks.ConfigError(f'--compare_with: {key}={text}: {error}') from None
+  config_checks.check_config(other, check_data=False)
+  return other
+
+
 def benchmark(config, steps: int, warmup_steps: int = 2, breakdown: bool = False,
-              compare_joint_passes: bool = False, log=print) -> dict:
+              compare_joint_passes: bool = False, compare_with: str = '', log=print) -> dict:
   """Compiles the training step of `config` exactly as training does (mesh, shardings,
   accumulation, remat, dtype) and times `steps` steps; `steps=0` only compiles, without
   allocating the state, so the memory of configs too big to run can be read.
@@ -160,12 +195,17 @@ def benchmark(config, steps: int, warmup_steps: int = 2, breakdown: bool = False
   compared mode.
   `compare_joint_passes` also times the step with the other `joint_passes`, in turns with
   this one, and reports it under `joint_passes_N` with `one_pass_speedup`, the two-pass
-  step's time over the one-pass step's.
+  step's time over the one-pass step's. `compare_with` (see `overridden`) likewise times
+  the config with those overrides and reports it under `compared` with
+  `compared_speedup`, this step's time over that one's.
   """
   config_checks.check_config(config, check_data=False)
   if breakdown and steps == 0:
     raise config_checks.ConfigError('--breakdown traces the timed steps; it needs --steps >= 1')
-  configs = [config]
+  if compare_joint_passes and compare_with:
+    raise config_checks.ConfigError(
+        '--compare_joint_passes and --compare_with each add a second step; give one')
+  configs, labels = [config], [f'joint_passes={config.joint_passes}']
   if compare_joint_passes:
     if config.task != 'pretrain_joint':
       raise config_checks.ConfigError(
@@ -173,12 +213,13 @@ def benchmark(config, steps: int, warmup_steps: int = 2, breakdown: bool = False
     other = config.copy_and_resolve_references()
     other.joint_passes = 3 - config.joint_passes
     configs.append(other)
+    labels.append(f'joint_passes={other.joint_passes}')
+  if compare_with:
+    configs.append(overridden(config, compare_with))
+    labels.append(compare_with)
   compiled = [compiled_facts(c, log) for c in configs]
   if steps == 0:
-    result = compiled[0][2]
-    if compare_joint_passes:
-      result[f'joint_passes_{configs[1].joint_passes}'] = compiled[1][2]
-    return result
+    return _with_comparison([facts for _, _, facts in compiled], compare_with)
   runs = []
   for c, (setup, step, _) in zip(configs, compiled):
     batch = jax.device_put(
@@ -201,15 +242,28 @@ def benchmark(config, steps: int, warmup_steps: int = 2, breakdown: bool = False
                     'matmul_peak_flops': peak, 'matmul_peak_samples': len(rates),
                     'mfu': facts['flops_per_step'] / step_s / peak,
                     'page_faults_per_step': statistics.median(f), **facts})
-  result = reports[0]
+  result = _with_comparison(reports, compare_with)
   if compare_joint_passes:
-    result[f'joint_passes_{configs[1].joint_passes}'] = reports[1]
     two, one = sorted(reports, key=lambda r: -r['joint_passes'])
     result['one_pass_speedup'] = two['step_s'] / one['step_s']
+  if compare_with:
+    result['compared_speedup'] = reports[0]['step_s'] / reports[1]['step_s']
   if breakdown:
-    for report, (compiled_step, _, batch), state in zip(reports, runs, states):
-      log(f'time by scope, joint_passes={report["joint_passes"]}:')
+    for label, report, (compiled_step, _, batch), state in zip(labels, reports, runs, states):
+      log(f'time by scope, {label}:')
       report['time_by_scope'] = traced_time_by_scope(compiled_step, state, batch, steps, log)
+  return result
+
+
+def _with_comparison(reports: list[dict], compare_with: str) -> dict:
+  """The first report, with the compared step's report, if any, under its key."""
+  result = reports[0]
+  if len(reports) > 1:
+    if compare_with:
+      reports[1]['overrides'] = compare_with
+      result['compared'] = reports[1]
+    else:
+      result[f'joint_passes_{reports[1]["joint_passes"]}'] = reports[1]
   return result
 
 
@@ -236,7 +290,8 @@ def main(argv):
   host_memory.reuse_freed_memory()  # before JAX starts its CPU client
   try:
     result = benchmark(_CONFIG.value, _STEPS.value, _WARMUP.value, _BREAKDOWN.value,
-                       _COMPARE.value, log=lambda m: print(m, file=sys.stderr, flush=True))
+                       _COMPARE.value, _COMPARE_WITH.value,
+                       log=lambda m: print(m, file=sys.stderr, flush=True))
   except config_checks.ConfigError as error:
     raise SystemExit(f'error: {error}') from None
   print(json.dumps(result))

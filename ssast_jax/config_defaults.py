@@ -89,7 +89,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.grad_accum_steps = 1
   # CPU only: each clip's forward pass rounds the same whatever the batch size, so that
   # grad_accum_steps makes the whole batch's update to float summation order (README,
-  # Performance); steps about 1.13x longer.
+  # Performance); steps about 1.1x longer.
   config.batch_invariant = False
   # 'FIRST,LAST' (or 'STEP'): write a jax.profiler trace of those training steps (as
   # numbered in the logs) to WORKDIR/profile. '': no trace.

@@ -423,6 +423,37 @@ def test_benchmark_compares_joint_passes_in_one_run():
   assert result['matmul_peak_samples'] == 2 * PEAK_SAMPLES_PER_ROUND
 
 
+def test_benchmark_compares_config_overrides_in_one_run():
+  """`compare_with` times the config with its overrides in turns with the config itself;
+  values are Python literals (`True`) or strings (`bfloat16`)."""
+  result = benchmark(_config(model__depth=1), steps=2, warmup_steps=1,
+                     compare_with='batch_invariant=True, dtype=bfloat16', log=lambda m: None)
+  compared = result['compared']
+  assert (result['batch_invariant'], result['dtype']) == (False, 'float32')
+  assert (compared['batch_invariant'], compared['dtype']) == (True, 'bfloat16')
+  assert compared['overrides'] == 'batch_invariant=True, dtype=bfloat16'
+  assert result['compared_speedup'] == result['step_s'] / compared['step_s']
+  assert compared['matmul_peak_flops'] == result['matmul_peak_flops'] > 0
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ('batch_invariant', "'batch_invariant' is not KEY=VALUE"),
+    ('model.nope=1', "the config has no key 'model.nope'"),
+    ('nope.depth=1', "the config has no key 'nope.depth'"),
+    ('batch_invariant=yes', 'batch_invariant=yes: Could not override'),
+    ('grad_accum_steps=3', 'batch_size 8 is not divisible by grad_accum_steps 3'),
+])
+def test_bad_comparison_overrides_are_refused(overrides, message):
+  with pytest.raises(config_checks.ConfigError, match=message):
+    benchmark(_config(), steps=1, compare_with=overrides)
+
+
+def test_one_comparison_per_run():
+  with pytest.raises(config_checks.ConfigError,
+                     match='--compare_joint_passes and --compare_with each add a second step'):
+    benchmark(_config(), steps=1, compare_joint_passes=True, compare_with='remat=True')
+
+
 def test_timed_steps_count_each_steps_page_faults_and_run_between_rounds():
   """A 'step' that writes 8 MiB of freshly mapped memory faults in at least its 2,048 pages
   each time (`page_faults_per_step` shows whether freed memory is reused); `after_round`
