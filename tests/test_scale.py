@@ -191,8 +191,8 @@ def test_accumulated_step_is_the_whole_batch_step():
 
 
 def _reference_geometry(**overrides):
-  """One block of the tiny model on the reference input: 1024 x 128, 16 x 16 patches,
-  400 masked, batch 8."""
+  """The tiny model (one block unless overridden) on the reference input: 1024 x 128,
+  16 x 16 patches, 400 masked, batch 8."""
   return _config(data__target_length=1024, data__num_mel_bins=128, mask_patch=400,
                  eval_mask_patch=400, **overrides)
 
@@ -214,8 +214,8 @@ def test_accumulation_check_needs_micro_batches():
 
 
 def test_batch_invariant_encodes_a_clip_alike_in_any_batch():
-  """The compiled step's encoder, on clips 0-1 of a batch of 8 and on those two alone:
-  bitwise the same outputs with `batch_invariant` (up to 1.8e-6 apart without)."""
+  """The encoder compiled with `batch_invariant`'s options, on clips 0-1 of a batch of 8
+  and on those two alone: bitwise the same outputs (up to 1.8e-6 apart without them)."""
   config = _reference_geometry()
   mcfg, graphdef, _ = _step_parts(config)
   params = init_state(mcfg, 0, 1e-4)['params']
