@@ -26,6 +26,7 @@ from ml_collections import config_flags
 from ssast_jax import config_checks
 from ssast_jax.train import step_setup
 
+
 def proportional_adam(state: dict) -> dict:
   """`state` with Adam's second moments at 1 and its bias corrections at 1, so that its
   next update is the gradient itself."""
@@ -47,6 +48,8 @@ def update_gaps(config, batches: int, log=print) -> list[float]:
   """Relative gap between the accumulated and the whole-batch update for each of
   `batches` random batches (seeds 0, 1, ...) of `config`."""
   config_checks.check_config(config, check_data=False)
+  if batches < 1:
+    raise config_checks.ConfigError(f'--batches is {batches}; give 1 or more')
   if config.grad_accum_steps < 2:
     raise config_checks.ConfigError(
         f'grad_accum_steps is {config.grad_accum_steps}; give 2 or more to compare with '

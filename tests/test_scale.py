@@ -211,6 +211,8 @@ def test_accumulation_check_needs_micro_batches():
   with pytest.raises(config_checks.ConfigError,
                      match='grad_accum_steps is 1; give 2 or more to compare'):
     update_gaps(_config(), 1)
+  with pytest.raises(config_checks.ConfigError, match='--batches is 0; give 1 or more'):
+    update_gaps(_config(grad_accum_steps=2), 0)
 
 
 def test_batch_invariant_encodes_a_clip_alike_in_any_batch():
