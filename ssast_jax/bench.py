@@ -13,7 +13,9 @@ when freed host memory is reused (`host_memory`), hundreds of thousands when it 
 model, forward and backward, from a profiler trace of the timed steps (with a comparison,
 one per compared step).
 `--compare_joint_passes` times both joint modes in one run, step by step in turns, and
-adds the other mode's figures and `one_pass_speedup`. `--compare_with=KEY=VALUE,...` does
+adds the other mode's figures and `one_pass_speedup`; for a config whose MPC loss does not
+train the encoder (the original's, whose MPC pass has no backward through it) it also
+times two full passes (`mpc_trains_encoder=True`), the equal-work comparison. `--compare_with=KEY=VALUE,...` does
 the same for the config with those overrides (e.g. `batch_invariant=True`), under
 `compared` with `compared_speedup`. The last line printed is a JSON object.
 """
@@ -46,7 +48,9 @@ _BREAKDOWN = flags.DEFINE_bool('breakdown', False, 'Also trace the timed steps w
                                'model (attention, MLP, LayerNorm, ...), forward and backward.')
 _COMPARE = flags.DEFINE_bool(
     'compare_joint_passes', False, 'Also time the step with the other joint_passes (1 or 2), '
-    'in turns with this one, and report the speed-up of one pass over two.')
+    'in turns with this one, and report the speed-up of one pass over two; with '
+    'mpc_trains_encoder=False, also over two passes that both backpropagate through the '
+    'encoder (mpc_trains_encoder=True).')
 _COMPARE_WITH = flags.DEFINE_string(
     'compare_with', '', "Also time the step of the config with these overrides, "
     "'KEY=VALUE[,KEY=VALUE ...]' (e.g. 'batch_invariant=True' or "
@@ -124,6 +128,7 @@ def compiled_facts(config, log=print) -> tuple:
   facts = {'flops_per_step': model_flops(config, compiled, log),
            'peak_memory_bytes': peak_memory_bytes(compiled), 'compile_s': compile_s,
            'batch_size': config.batch_size, 'joint_passes': config.joint_passes,
+           'mpc_trains_encoder': config.mpc_trains_encoder,
            'grad_accum_steps': config.grad_accum_steps,
            'batch_invariant': config.batch_invariant, 'remat': config.remat,
            'remat_policy': config.remat_policy if config.remat else None,
@@ -195,7 +200,11 @@ def benchmark(config, steps: int, warmup_steps: int = 2, breakdown: bool = False
   compared mode.
   `compare_joint_passes` also times the step with the other `joint_passes`, in turns with
   this one, and reports it under `joint_passes_N` with `one_pass_speedup`, the two-pass
-  step's time over the one-pass step's. `compare_with` (see `overridden`) likewise times
+  step's time over the one-pass step's. When the MPC loss does not train the encoder
+  (`mpc_trains_encoder=False`, the original's: its MPC pass has no backward through the
+  encoder), it also times the two-pass step with `mpc_trains_encoder=True`, under
+  `two_full_passes`, with `one_pass_speedup_vs_two_full_passes`: one pass against two of
+  the same work each. `compare_with` (see `overridden`) likewise times
   the config with those overrides and reports it under `compared` with
   `compared_speedup`, this step's time over that one's.
   """
@@ -214,6 +223,11 @@ def benchmark(config, steps: int, warmup_steps: int = 2, breakdown: bool = False
     other.joint_passes = 3 - config.joint_passes
     configs.append(other)
     labels.append(f'joint_passes={other.joint_passes}')
+    if not config.mpc_trains_encoder:
+      full = config.copy_and_resolve_references()
+      full.joint_passes, full.mpc_trains_encoder = 2, True
+      configs.append(full)
+      labels.append('joint_passes=2, mpc_trains_encoder=True')
   if compare_with:
     configs.append(overridden(config, compare_with))
     labels.append(compare_with)
@@ -244,8 +258,10 @@ def benchmark(config, steps: int, warmup_steps: int = 2, breakdown: bool = False
                     'page_faults_per_step': statistics.median(f), **facts})
   result = _with_comparison(reports, compare_with)
   if compare_joint_passes:
-    two, one = sorted(reports, key=lambda r: -r['joint_passes'])
+    two, one = sorted(reports[:2], key=lambda r: -r['joint_passes'])
     result['one_pass_speedup'] = two['step_s'] / one['step_s']
+    if len(reports) > 2:
+      result['one_pass_speedup_vs_two_full_passes'] = reports[2]['step_s'] / one['step_s']
   if compare_with:
     result['compared_speedup'] = reports[0]['step_s'] / reports[1]['step_s']
   if breakdown:
@@ -256,14 +272,15 @@ def benchmark(config, steps: int, warmup_steps: int = 2, breakdown: bool = False
 
 
 def _with_comparison(reports: list[dict], compare_with: str) -> dict:
-  """The first report, with the compared step's report, if any, under its key."""
+  """The first report, with the compared steps' reports, if any, under their keys."""
   result = reports[0]
-  if len(reports) > 1:
-    if compare_with:
-      reports[1]['overrides'] = compare_with
-      result['compared'] = reports[1]
-    else:
-      result[f'joint_passes_{reports[1]["joint_passes"]}'] = reports[1]
+  if compare_with:
+    reports[1]['overrides'] = compare_with
+    result['compared'] = reports[1]
+  elif len(reports) > 1:
+    result[f'joint_passes_{reports[1]["joint_passes"]}'] = reports[1]
+    if len(reports) > 2:
+      result['two_full_passes'] = reports[2]
   return result
 
 
