@@ -12,6 +12,9 @@ when freed host memory is reused (`host_memory`), hundreds of thousands when it 
 `--breakdown` adds `time_by_scope`: milliseconds per step spent in each named scope of the
 model, forward and backward, from a profiler trace of the timed steps (with a comparison,
 one per compared step).
+`--product_ceiling` adds `product_ceiling` (module `product_ceiling`): the step's matrix
+products timed alone between the rounds of steps, their share of the step, and the MFU the
+step would reach if it did nothing else.
 `--compare_joint_passes` times both joint modes in one run, step by step in turns, and
 adds the other mode's figures and `one_pass_speedup`; for a config whose MPC loss does not
 train the encoder (the original's, whose MPC pass has no backward through it) it also
@@ -37,6 +40,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from ssast_jax import config_checks, host_memory, profiling
+from ssast_jax import product_ceiling as product_ceiling_lib
 from ssast_jax.train import step_setup
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.')
@@ -46,6 +50,10 @@ _WARMUP = flags.DEFINE_integer('warmup_steps', 2, 'Untimed steps after compilati
 _BREAKDOWN = flags.DEFINE_bool('breakdown', False, 'Also trace the timed steps with '
                                'jax.profiler and report their time per named scope of the '
                                'model (attention, MLP, LayerNorm, ...), forward and backward.')
+_PRODUCT_CEILING = flags.DEFINE_bool(
+    'product_ceiling', False, "Also time each of the step's matrix products alone, between "
+    "the rounds of steps, and report their total per step, its share of the step and the "
+    "MFU ceiling it sets (the step's FLOPs over the products' time alone).")
 _COMPARE = flags.DEFINE_bool(
     'compare_joint_passes', False, 'Also time the step with the other joint_passes (1 or 2), '
     'in turns with this one, and report the speed-up of one pass over two; with '
@@ -192,7 +200,8 @@ def overridden(config, overrides: str):
 
 
 def benchmark(config, steps: int, warmup_steps: int = 2, breakdown: bool = False,
-              compare_joint_passes: bool = False, compare_with: str = '', log=print) -> dict:
+              compare_joint_passes: bool = False, compare_with: str = '',
+              product_ceiling: bool = False, log=print) -> dict:
   """Compiles the training step of `config` exactly as training does (mesh, shardings,
   accumulation, remat, dtype) and times `steps` steps; `steps=0` only compiles, without
   allocating the state, so the memory of configs too big to run can be read.
@@ -206,11 +215,15 @@ def benchmark(config, steps: int, warmup_steps: int = 2, breakdown: bool = False
   `two_full_passes`, with `one_pass_speedup_vs_two_full_passes`: one pass against two of
   the same work each. `compare_with` (see `overridden`) likewise times
   the config with those overrides and reports it under `compared` with
-  `compared_speedup`, this step's time over that one's.
+  `compared_speedup`, this step's time over that one's. `product_ceiling` times the
+  config's step's matrix products alone after each round of steps and reports
+  `product_ceiling` (see `product_ceiling_lib.ProductTimer.summary`).
   """
   config_checks.check_config(config, check_data=False)
   if breakdown and steps == 0:
     raise config_checks.ConfigError('--breakdown traces the timed steps; it needs --steps >= 1')
+  if product_ceiling:
+    _check_product_ceiling(config, steps)
   if compare_joint_passes and compare_with:
     raise config_checks.ConfigError(
         '--compare_joint_passes and --compare_with each add a second step; give one')
@@ -244,9 +257,17 @@ def benchmark(config, steps: int, warmup_steps: int = 2, breakdown: bool = False
   # same state: on a shared host the speed of the cores drifts by tens of percent.
   matmul = matmul_rate(jnp.dtype(config.dtype))
   rates = []
-  times, faults, states = timed_steps(
-      runs, steps, warmup_steps, log,
-      after_round=lambda: rates.extend(matmul() for _ in range(PEAK_SAMPLES_PER_ROUND)))
+  products = None
+  if product_ceiling:
+    log('compiling the step\'s matrix products alone ...')
+    products = product_ceiling_lib.ProductTimer(
+        product_ceiling_lib.step_products(compiled[0][1].as_text()))
+
+  def after_round():
+    rates.extend(matmul() for _ in range(PEAK_SAMPLES_PER_ROUND))
+    if products is not None:
+      products.time_each()
+  times, faults, states = timed_steps(runs, steps, warmup_steps, log, after_round)
   peak = devices_peak_flops(rates)
   reports = []
   for c, (_, _, facts), t, f in zip(configs, compiled, times, faults):
@@ -256,6 +277,9 @@ def benchmark(config, steps: int, warmup_steps: int = 2, breakdown: bool = False
                     'matmul_peak_flops': peak, 'matmul_peak_samples': len(rates),
                     'mfu': facts['flops_per_step'] / step_s / peak,
                     'page_faults_per_step': statistics.median(f), **facts})
+  if products is not None:
+    reports[0]['product_ceiling'] = products.summary(
+        reports[0]['step_s'], reports[0]['flops_per_step'], peak)
   result = _with_comparison(reports, compare_with)
   if compare_joint_passes:
     two, one = sorted(reports[:2], key=lambda r: -r['joint_passes'])
@@ -269,6 +293,21 @@ def benchmark(config, steps: int, warmup_steps: int = 2, breakdown: bool = False
       log(f'time by scope, {label}:')
       report['time_by_scope'] = traced_time_by_scope(compiled_step, state, batch, steps, log)
   return result
+
+
+def _check_product_ceiling(config, steps: int) -> None:
+  """Refuses what `--product_ceiling` cannot measure."""
+  if steps == 0:
+    raise config_checks.ConfigError('--product_ceiling times the products between timed '
+                                    'steps; it needs --steps >= 1')
+  if config.remat or config.grad_accum_steps > 1:
+    raise config_checks.ConfigError(
+        '--product_ceiling needs remat=False and grad_accum_steps=1: it counts the '
+        'products of a step without loops over blocks or micro-batches')
+  if jax.device_count() > 1:
+    raise config_checks.ConfigError(
+        f'--product_ceiling times the products on one device; this run has '
+        f'{jax.device_count()}')
 
 
 def _with_comparison(reports: list[dict], compare_with: str) -> dict:
@@ -307,7 +346,7 @@ def main(argv):
   host_memory.reuse_freed_memory()  # before JAX starts its CPU client
   try:
     result = benchmark(_CONFIG.value, _STEPS.value, _WARMUP.value, _BREAKDOWN.value,
-                       _COMPARE.value, _COMPARE_WITH.value,
+                       _COMPARE.value, _COMPARE_WITH.value, _PRODUCT_CEILING.value,
                        log=lambda m: print(m, file=sys.stderr, flush=True))
   except config_checks.ConfigError as error:
     raise SystemExit(f'error: {error}') from None

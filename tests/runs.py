@@ -1,4 +1,5 @@
-"""Helpers for tests that run `main.py` end to end in subprocesses on a tiny dataset."""
+"""Helpers for tests: a tiny config, and runs of `main.py` end to end in subprocesses on a
+tiny dataset."""
 
 import json
 import os
@@ -6,8 +7,26 @@ import pathlib
 import subprocess
 import sys
 
+from ssast_jax import config_defaults
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TIME_KEYS = ('train/clips_per_s', 'train/data_wait_ms')
+
+
+def tiny_config(**overrides):
+  """A tiny model on 64 x 64 inputs (4 x 4 patches); '__' in a key stands for '.'."""
+  config = config_defaults.get_config()
+  values = {'model.size': 'tiny', 'model.depth': 1, 'data.target_length': 64,
+            'data.num_mel_bins': 64, 'mask_patch': 6, 'eval_mask_patch': 6, 'batch_size': 8,
+            'warmup': False}
+  values.update({k.replace('__', '.'): v for k, v in overrides.items()})
+  for key, value in values.items():
+    *parents, name = key.split('.')
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[name] = value
+  return config
 
 
 def tiny_run_flags(dataset, workdir, **overrides):

@@ -24,34 +24,17 @@ from flax import nnx
 from jax.extend import core as jax_core
 from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 
-from ssast_jax import config_checks, config_defaults, losses, profiling, sharding
+from ssast_jax import config_checks, losses, profiling, sharding
 from ssast_jax.check_accumulation import flat, proportional_adam, relative_gap, update_gaps
 from ssast_jax.bench import (PEAK_SAMPLES_PER_ROUND, benchmark, devices_peak_flops,
                              peak_memory_bytes, timed_steps)
 from ssast_jax.data.demo import write_demo_dataset
 from ssast_jax.model import SSAST, ModelConfig
 from ssast_jax.train import model_config, step_settings
-from runs import ROOT, env, run_main, tiny_run_flags, train_losses
+from runs import ROOT, env, run_main, tiny_config as _config, tiny_run_flags, train_losses
 from ssast_jax.train_step import (BATCH_INVARIANT_CPU_OPTIONS, MPC_PASS, MPG_PASS,
                                   batch_gradients, draw_masks, example_keys, init_state,
                                   train_step)
-
-
-
-def _config(**overrides):
-  """A tiny model on 64 x 64 inputs (4 x 4 patches); '__' in a key stands for '.'."""
-  config = config_defaults.get_config()
-  values = {'model.size': 'tiny', 'model.depth': 1, 'data.target_length': 64,
-            'data.num_mel_bins': 64, 'mask_patch': 6, 'eval_mask_patch': 6, 'batch_size': 8,
-            'warmup': False}
-  values.update({k.replace('__', '.'): v for k, v in overrides.items()})
-  for key, value in values.items():
-    *parents, name = key.split('.')
-    node = config
-    for parent in parents:
-      node = node[parent]
-    node[name] = value
-  return config
 
 
 def _step_parts(config):
