@@ -53,7 +53,7 @@ def test_products_in_loops_are_refused():
 def test_summary_weights_each_products_median_by_its_count():
   product = Product(('f32', (64, 32)), ('f32', (32, 16)), 'f32', ((1,), (0,)), ((), ()))
   timer = ProductTimer(collections.Counter({product: 3}))
-  timer._seconds = [[0.004, 0.001, 0.002]]  # medians of rounds, as time_each() appends them
+  timer._seconds = [[0.004, 0.001, 0.002]]  # one time per round, as time_each() records
   summary = timer.summary(step_s=0.012, step_flops=1e9, peak_flops=1e11)
   assert summary['products_s'] == pytest.approx(0.006)
   assert summary['share_of_step'] == pytest.approx(0.5)
@@ -66,8 +66,8 @@ def test_summary_weights_each_products_median_by_its_count():
 
 def test_benchmark_reports_the_ceiling_of_the_real_step():
   """Every product of the step is timed: their FLOPs are nearly all of the step's (the
-  rest is element-wise work), they take part of the step, and the ceiling is above the
-  measured MFU."""
+  rest is element-wise work), and their share of the step and the ceiling follow from
+  their summed time."""
   result = benchmark(tiny_config(), steps=2, warmup_steps=1, product_ceiling=True,
                      log=lambda m: None)
   ceiling = result['product_ceiling']
