@@ -18,9 +18,10 @@ step would reach if it did nothing else.
 `--compare_joint_passes` times both joint modes in one run, step by step in turns, and
 adds the other mode's figures and `one_pass_speedup`; for a config whose MPC loss does not
 train the encoder (the original's, whose MPC pass has no backward through it) it also
-times two full passes (`mpc_trains_encoder=True`), the equal-work comparison. `--compare_with=KEY=VALUE,...` does
-the same for the config with those overrides (e.g. `batch_invariant=True`), under
-`compared` with `compared_speedup`. The last line printed is a JSON object.
+times two full passes (`mpc_trains_encoder=True`), the equal-work comparison.
+`--compare_with=KEY=VALUE,...` does the same for the config with those overrides (e.g.
+`batch_invariant=True`), under `compared` with `compared_speedup`. The last line printed
+is a JSON object.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from ml_collections import config_flags
 
 from ssast_jax import config_checks, host_memory, profiling
 from ssast_jax import product_ceiling as product_ceiling_lib
-from ssast_jax.train import step_setup
+from ssast_jax.train import batch_shape, step_setup
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps after warm-up; 0: compile only and '
@@ -88,10 +89,6 @@ def peak_memory_bytes(compiled) -> int:
   m = compiled.memory_analysis()
   return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
              - m.alias_size_in_bytes)
-
-
-def batch_shape(config) -> tuple[int, int, int]:
-  return (config.batch_size, config.data.target_length, config.data.num_mel_bins)
 
 
 def compile_step(config):

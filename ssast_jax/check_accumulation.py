@@ -24,7 +24,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from ssast_jax import config_checks
-from ssast_jax.train import step_setup
+from ssast_jax.train import batch_shape, step_setup
 
 
 def proportional_adam(state: dict) -> dict:
@@ -60,10 +60,9 @@ def update_gaps(config, batches: int, log=print) -> list[float]:
     variant.grad_accum_steps, variant.lr, variant.warmup = accum, 1.0, False
     log(f'compiling the step with grad_accum_steps={accum} ...')
     steps.append(step_setup(variant))
-  shape = (config.batch_size, config.data.target_length, config.data.num_mel_bins)
   gaps = []
   for seed in range(batches):
-    fbank = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+    fbank = np.random.default_rng(seed).normal(size=batch_shape(config)).astype(np.float32)
     updates = []
     for setup in steps:
       state = proportional_adam(setup.init())

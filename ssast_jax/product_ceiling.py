@@ -115,6 +115,10 @@ class ProductTimer:
   def __init__(self, products: collections.Counter):
     self._runs = []
     for index, product in enumerate(products):
+      unknown = {product.lhs[0], product.rhs[0], product.out_dtype} - set(_DTYPES)
+      if unknown:
+        raise ValueError(f'cannot time {product.describe()}: no random operands of type '
+                         f'{", ".join(sorted(unknown))}')
       operands = [jax.random.normal(jax.random.key(2 * index + side), shape, _DTYPES[dtype])
                   for side, (dtype, shape) in enumerate((product.lhs, product.rhs))]
       dot = jax.jit(lambda a, b, p=product: jax.lax.dot_general(

@@ -78,6 +78,11 @@ class StepSetup:
     return sharding.batch_sharding(self.mesh)
 
 
+def batch_shape(config) -> tuple[int, int, int]:
+  """The global batch of log-mel features one training step takes: (clips, frames, bins)."""
+  return (config.batch_size, config.data.target_length, config.data.num_mel_bins)
+
+
 def step_setup(config) -> StepSetup:
   """Mesh, state layout and jitted step for `config` on all devices; raises ConfigError
   when `fsdp` or the batch do not split over them, or `batch_invariant` is set off the

@@ -50,6 +50,13 @@ def test_products_in_loops_are_refused():
     step_products(text)
 
 
+def test_products_of_types_without_random_operands_are_refused():
+  product = Product(('s32', (4, 4)), ('s32', (4, 4)), 's32', ((1,), (0,)), ((), ()))
+  with pytest.raises(ValueError, match=r'cannot time s32\[4, 4\] x s32\[4, 4\].*: no '
+                     'random operands of type s32'):
+    ProductTimer(collections.Counter({product: 1}))
+
+
 def test_summary_weights_each_products_median_by_its_count():
   product = Product(('f32', (64, 32)), ('f32', (32, 16)), 'f32', ((1,), (0,)), ((), ()))
   timer = ProductTimer(collections.Counter({product: 3}))
