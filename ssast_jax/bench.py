@@ -135,6 +135,7 @@ def compiled_facts(config, log=print) -> tuple:
            'batch_size': config.batch_size, 'joint_passes': config.joint_passes,
            'mpc_trains_encoder': config.mpc_trains_encoder,
            'grad_accum_steps': config.grad_accum_steps,
+           'concurrent_parts': setup.settings.concurrent_parts,
            'batch_invariant': config.batch_invariant, 'remat': config.remat,
            'remat_policy': config.remat_policy if config.remat else None,
            'dtype': config.dtype, 'mesh': dict(setup.mesh.shape),

@@ -142,6 +142,7 @@ def _check_scale(config) -> None:
   _require(config.batch_size % config.grad_accum_steps == 0,
            f'batch_size {config.batch_size} is not divisible by grad_accum_steps '
            f'{config.grad_accum_steps}')
+  _require_int('concurrent_parts', config.concurrent_parts, 0)
   _require(config.batch_invariant in (True, False),
            f'batch_invariant must be True or False; got {config.batch_invariant!r}')
   profile_range(config)
@@ -164,9 +165,21 @@ def profile_range(config) -> tuple[int, int] | None:
   return first, last
 
 
+def resolved_concurrent_parts(config, device_count: int, platform: str) -> int:
+  """`concurrent_parts`, with 0 (auto) resolved: 2 on CPU when each device's share of a
+  micro-batch splits into 2 parts, else 1 (GPU/TPU run one kernel after another, where
+  parts would only make each kernel smaller)."""
+  parts = config.get('concurrent_parts', 0)
+  if parts:
+    return parts
+  micro_batch = config.batch_size // config.grad_accum_steps
+  return 2 if platform == 'cpu' and micro_batch % (2 * device_count) == 0 else 1
+
+
 def check_devices(config, device_count: int, platform: str = 'cpu') -> None:
-  """Raises ConfigError when `fsdp` or the batch do not split over `device_count` devices,
-  or `batch_invariant` is asked for on another platform than the CPU."""
+  """Raises ConfigError when `fsdp`, the batch or its `concurrent_parts` do not split over
+  `device_count` devices, or `batch_invariant` is asked for on another platform than the
+  CPU."""
   _require(not config.get('batch_invariant', False) or platform == 'cpu',
            f'batch_invariant is an XLA:CPU setting; the devices here are {platform}')
   _require(device_count % config.fsdp == 0,
@@ -177,6 +190,14 @@ def check_devices(config, device_count: int, platform: str = 'cpu') -> None:
            f' = {micro_batch} clips per micro-batch, which the {device_count} devices cannot '
            f'share evenly: batch_size must be divisible by grad_accum_steps x device count '
            f'= {config.grad_accum_steps * device_count}')
+  parts = config.get('concurrent_parts', 0)
+  _require(not parts or micro_batch % (parts * device_count) == 0,
+           f'concurrent_parts is {parts}: the {micro_batch} clips per micro-batch '
+           f'(batch_size / grad_accum_steps) do not split into {parts} parts shared evenly '
+           f'by the {device_count} devices; batch_size must be divisible by '
+           f'grad_accum_steps x concurrent_parts x device count = '
+           f'{config.grad_accum_steps * parts * device_count} (or set concurrent_parts=0, '
+           f'auto)')
 
 
 def _check_manifest_json(key: str, path: str) -> None:

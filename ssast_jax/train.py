@@ -60,7 +60,9 @@ def step_settings(config) -> StepSettings:
       cluster_factor=config.cluster_factor, paper_infonce=config.paper_infonce,
       joint_passes=config.joint_passes,
       mpc_trains_encoder=config.get('mpc_trains_encoder', False), lr=config.lr,
-      warmup=config.warmup, grad_accum_steps=config.get('grad_accum_steps', 1))
+      warmup=config.warmup, grad_accum_steps=config.get('grad_accum_steps', 1),
+      concurrent_parts=config_checks.resolved_concurrent_parts(
+          config, jax.device_count(), jax.default_backend()))
 
 
 @dataclasses.dataclass(frozen=True)

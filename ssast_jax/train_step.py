@@ -42,6 +42,7 @@ class StepSettings:
   lr: float
   warmup: bool
   grad_accum_steps: int = 1
+  concurrent_parts: int = 1
 
 
 def optimizer() -> optax.GradientTransformation:
@@ -81,6 +82,12 @@ def micro_batches(tree, count: int):
   return jax.tree.map(split, tree)
 
 
+def parts_of(tree, count: int) -> list:
+  """The `count` micro-batches of `tree` (see `micro_batches`), as a list."""
+  stacked = micro_batches(tree, count)
+  return [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(count)]
+
+
 def accumulate(fn, inputs: tuple, count: int, mesh=None):
   """The mean of `fn(*micro_batch)` over `count` micro-batches of `inputs` (leaves with a
   leading batch dimension), computed one micro-batch at a time.
@@ -105,16 +112,24 @@ def accumulate(fn, inputs: tuple, count: int, mesh=None):
 def batch_gradients(params, fbank, mpc_mask, mpg_mask, *, graphdef, settings, mesh=None):
   """(metrics, gradients) of the batch's mean loss, over `settings.grad_accum_steps`
   micro-batches; with a `mesh`, parameters are all-gathered for the computation and
-  gradients reduce-scattered to the parameters' FSDP layout."""
+  gradients reduce-scattered to the parameters' FSDP layout.
+
+  Each micro-batch's losses are computed in `settings.concurrent_parts` interleaved parts:
+  independent computations, each on fewer clips, that XLA:CPU can run side by side
+  (training steps 1.03-1.15x faster on 2 CPU cores; README, Performance).
+  """
   s = settings
   full_params = sharding.gather(params, mesh)
 
   def micro_batch_gradients(fbank, mpc_mask, mpg_mask):
     def loss_fn(params):
-      out = losses.pretext_losses(nnx.merge(graphdef, params), fbank, mpc_mask, mpg_mask,
-                                  task=s.task, paper_infonce=s.paper_infonce,
-                                  joint_passes=s.joint_passes,
-                                  mpc_trains_encoder=s.mpc_trains_encoder)
+      model = nnx.merge(graphdef, params)
+      per_clip = [losses.pretext_losses(
+          model, *sharding.shard_batch(part, mesh), task=s.task,
+          paper_infonce=s.paper_infonce, joint_passes=s.joint_passes,
+          mpc_trains_encoder=s.mpc_trains_encoder, per_clip=True)
+                  for part in parts_of((fbank, mpc_mask, mpg_mask), s.concurrent_parts)]
+      out = {k: jnp.mean(jnp.concatenate([p[k] for p in per_clip])) for k in per_clip[0]}
       return out['loss'], out
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(full_params)
     return metrics, sharding.shard_like_state(grads, mesh)

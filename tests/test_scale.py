@@ -249,6 +249,58 @@ def test_batch_must_split_into_micro_batches_over_the_devices():
     config_checks.check_config(_config(grad_accum_steps=3), check_data=False)
 
 
+# --- concurrent parts -------------------------------------------------------------------
+
+def test_concurrent_parts_make_the_whole_batch_step():
+  """A batch of 8 computed as 2 or 4 independent parts makes the one-computation update.
+
+  The gradients are the same per-clip gradients summed in another order, so losses agree
+  to float32 rounding and the update to 5e-6 relative, as with accumulation; a part given
+  other clips' masks would be off by percents (test_accumulated_gradients_keep_each_clips
+  _masks)."""
+  config = _config(lr=1.0)
+  mcfg, graphdef, settings = _step_parts(config)
+  state = proportional_adam(init_state(mcfg, config.seed, config.lr))
+  fbank = _batch(config)
+  results = {}
+  for parts in (1, 2, 4):
+    step = jax.jit(functools.partial(
+        train_step, graphdef=graphdef,
+        settings=dataclasses.replace(settings, concurrent_parts=parts)))
+    results[parts] = step(state, fbank)
+  whole, whole_metrics = results[1]
+  before = flat(state['params'])
+  for parts in (2, 4):
+    split, split_metrics = results[parts]
+    for key in ('loss', 'mpc_loss', 'mpg_loss', 'mpc_acc', 'grad_norm'):
+      np.testing.assert_allclose(split_metrics[key], whole_metrics[key], rtol=1e-6)
+    assert relative_gap(flat(split['params']) - before, flat(whole['params']) - before) < 5e-6
+
+
+@pytest.mark.parametrize('overrides, devices, platform, expected', [
+    ({}, 1, 'cpu', 2),  # auto: 2 on CPU
+    ({}, 8, 'cpu', 1),  # one clip per device: nothing to split
+    ({'grad_accum_steps': 4}, 2, 'cpu', 1),  # 2 clips per micro-batch on 2 devices
+    ({'batch_size': 32, 'grad_accum_steps': 2}, 8, 'cpu', 2),
+    ({}, 1, 'gpu', 1),  # accelerators: one computation per step
+    ({'concurrent_parts': 4}, 1, 'gpu', 4),  # as given
+])
+def test_concurrent_parts_auto(overrides, devices, platform, expected):
+  assert config_checks.resolved_concurrent_parts(_config(**overrides), devices,
+                                                 platform) == expected
+
+
+def test_concurrent_parts_must_split_over_the_devices():
+  with pytest.raises(config_checks.ConfigError,
+                     match=r'concurrent_parts is 4: the 8 clips per micro-batch .* do not '
+                           r'split into 4 parts shared evenly by the 4 devices; .* = 16'):
+    config_checks.check_devices(_config(concurrent_parts=4), 4)
+  config_checks.check_devices(_config(concurrent_parts=4), 2)
+  with pytest.raises(config_checks.ConfigError,
+                     match='concurrent_parts must be an integer >= 0; got -1'):
+    config_checks.check_config(_config(concurrent_parts=-1), check_data=False)
+
+
 # --- remat ------------------------------------------------------------------------------
 
 def test_remat_gives_the_same_gradients_with_less_memory():
@@ -523,5 +575,6 @@ def test_compile_only_benchmark_reports_memory_and_model_flops():
   assert plain['peak_memory_bytes'] > 0 and scaled['peak_memory_bytes'] > 0
   assert (plain['mesh'], scaled['grad_accum_steps'], scaled['remat']) == (
       {'data': 1, 'fsdp': 1}, 2, True)
+  assert plain['concurrent_parts'] == scaled['concurrent_parts'] == 2  # auto, on one CPU
   assert logged.count('compiling the step without remat and accumulation to count its '
                       'FLOPs ...') == 1
