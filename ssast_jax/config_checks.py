@@ -165,6 +165,11 @@ def profile_range(config) -> tuple[int, int] | None:
   return first, last
 
 
+def micro_batch_size(config) -> int:
+  """Clips per micro-batch: `batch_size / grad_accum_steps`."""
+  return config.batch_size // config.grad_accum_steps
+
+
 def resolved_concurrent_parts(config, device_count: int, platform: str) -> int:
   """`concurrent_parts`, with 0 (auto) resolved: 2 on CPU when each device's share of a
   micro-batch splits into 2 parts, else 1 (GPU/TPU run one kernel after another, where
@@ -172,7 +177,7 @@ def resolved_concurrent_parts(config, device_count: int, platform: str) -> int:
   parts = config.get('concurrent_parts', 0)
   if parts:
     return parts
-  micro_batch = config.batch_size // config.grad_accum_steps
+  micro_batch = micro_batch_size(config)
   return 2 if platform == 'cpu' and micro_batch % (2 * device_count) == 0 else 1
 
 
@@ -184,7 +189,7 @@ def check_devices(config, device_count: int, platform: str = 'cpu') -> None:
            f'batch_invariant is an XLA:CPU setting; the devices here are {platform}')
   _require(device_count % config.fsdp == 0,
            f'fsdp is {config.fsdp}, which does not divide the {device_count} devices')
-  micro_batch = config.batch_size // config.grad_accum_steps
+  micro_batch = micro_batch_size(config)
   _require(micro_batch % device_count == 0,
            f'batch_size / grad_accum_steps = {config.batch_size} / {config.grad_accum_steps}'
            f' = {micro_batch} clips per micro-batch, which the {device_count} devices cannot '
