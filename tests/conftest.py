@@ -1,12 +1,24 @@
-"""Shared fixtures: the reference produced by the original PyTorch SSAST."""
+"""Shared fixtures: the reference produced by the original PyTorch SSAST; the compilation
+cache of the test session."""
 
+import atexit
 import json
+import os
 import pathlib
+import shutil
+import tempfile
 
-import numpy as np
-import pytest
+# The tests compile the same small programs many times, in this process and in the
+# `main.py` subprocesses (which inherit the variable): a persistent compilation cache for
+# this worker's session compiles each once. Set before JAX is imported, which reads it.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='ssast_jax_tests_cache_')
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 
-from ssast_jax import host_memory
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from ssast_jax import host_memory  # noqa: E402
 
 host_memory.reuse_freed_memory()  # as the entry points do, before JAX's CPU client starts
 
