@@ -16,7 +16,8 @@ one per compared step).
 products timed alone between the rounds of steps, their share of the step, and the MFU the
 step would reach if it did nothing else.
 `--compare_joint_passes` times both joint modes in one run, step by step in turns, and
-adds the other mode's figures and `one_pass_speedup`; for a config whose MPC loss does not
+adds the other mode's figures and `one_pass_speedup` (the median over the rounds of the
+ratio of the two steps' times in the round); for a config whose MPC loss does not
 train the encoder (the original's, whose MPC pass has no backward through it) it also
 times two full passes (`mpc_trains_encoder=True`), the equal-work comparison.
 `--compare_with=KEY=VALUE,...` does the same for the config with those overrides (e.g.
@@ -169,6 +170,14 @@ def timed_steps(runs: list, steps: int, warmup_steps: int, log=print,
   return times, faults, states
 
 
+def paired_speedup(times: list, other_times: list) -> float:
+  """How many times faster the step timed as `other_times` is than the one timed as `times`,
+  both from `timed_steps`: the median over the rounds of the ratio of their times in the
+  same round. Pairing by round cancels the drift of a shared host's speed, which a ratio
+  of the two medians keeps."""
+  return statistics.median(t / other for t, other in zip(times, other_times, strict=True))
+
+
 def overridden(config, overrides: str):
   """A copy of `config` with `overrides` 'KEY=VALUE[,KEY=VALUE ...]' applied (values as
   Python literals, else strings), checked as a config."""
@@ -207,15 +216,16 @@ def benchmark(config, steps: int, warmup_steps: int = 2, breakdown: bool = False
   compared mode.
   `compare_joint_passes` also times the step with the other `joint_passes`, in turns with
   this one, and reports it under `joint_passes_N` with `one_pass_speedup`, the two-pass
-  step's time over the one-pass step's. When the MPC loss does not train the encoder
-  (`mpc_trains_encoder=False`, the original's: its MPC pass has no backward through the
-  encoder), it also times the two-pass step with `mpc_trains_encoder=True`, under
-  `two_full_passes`, with `one_pass_speedup_vs_two_full_passes`: one pass against two of
-  the same work each. `compare_with` (see `overridden`) likewise times
-  the config with those overrides and reports it under `compared` with
-  `compared_speedup`, this step's time over that one's. `product_ceiling` times the
-  config's step's matrix products alone after each round of steps and reports
-  `product_ceiling` (see `product_ceiling_lib.ProductTimer.summary`).
+  step's time over the one-pass step's (`paired_speedup` of their `step_times_s`). When
+  the MPC loss does not train the encoder (`mpc_trains_encoder=False`, the original's: its
+  MPC pass has no backward through the encoder), it also times the two-pass step with
+  `mpc_trains_encoder=True`, under `two_full_passes`, with
+  `one_pass_speedup_vs_two_full_passes`: one pass against two of the same work each.
+  `compare_with` (see `overridden`) likewise times the config with those overrides and
+  reports it under `compared` with `compared_speedup`, this step's time over that one's
+  (paired). `product_ceiling` times the config's step's matrix products alone after each
+  round of steps and reports `product_ceiling` (see
+  `product_ceiling_lib.ProductTimer.summary`).
   """
   config_checks.check_config(config, check_data=False)
   if breakdown and steps == 0:
@@ -270,7 +280,7 @@ def benchmark(config, steps: int, warmup_steps: int = 2, breakdown: bool = False
   reports = []
   for c, (_, _, facts), t, f in zip(configs, compiled, times, faults):
     step_s = statistics.median(t)
-    reports.append({'step_s': step_s, 'clips_per_s': c.batch_size / step_s,
+    reports.append({'step_s': step_s, 'step_times_s': t, 'clips_per_s': c.batch_size / step_s,
                     'achieved_flops': facts['flops_per_step'] / step_s,
                     'matmul_peak_flops': peak, 'matmul_peak_samples': len(rates),
                     'mfu': facts['flops_per_step'] / step_s / peak,
@@ -281,11 +291,13 @@ def benchmark(config, steps: int, warmup_steps: int = 2, breakdown: bool = False
   result = _with_comparison(reports, compare_with)
   if compare_joint_passes:
     two, one = sorted(reports[:2], key=lambda r: -r['joint_passes'])
-    result['one_pass_speedup'] = two['step_s'] / one['step_s']
+    result['one_pass_speedup'] = paired_speedup(two['step_times_s'], one['step_times_s'])
     if len(reports) > 2:
-      result['one_pass_speedup_vs_two_full_passes'] = reports[2]['step_s'] / one['step_s']
+      result['one_pass_speedup_vs_two_full_passes'] = paired_speedup(
+          reports[2]['step_times_s'], one['step_times_s'])
   if compare_with:
-    result['compared_speedup'] = reports[0]['step_s'] / reports[1]['step_s']
+    result['compared_speedup'] = paired_speedup(reports[0]['step_times_s'],
+                                                reports[1]['step_times_s'])
   if breakdown:
     for label, report, (compiled_step, _, batch), state in zip(labels, reports, runs, states):
       log(f'time by scope, {label}:')
