@@ -14,7 +14,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from ssast_jax.config_checks import ConfigError
+from ssast_jax.config.settings import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
                                           lock_config=True)
@@ -91,8 +91,7 @@ def main(argv):
   config = _CONFIG.value
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
-  from ssast_jax import host_memory, train  # pylint: disable=import-outside-toplevel
-  host_memory.reuse_freed_memory()  # before JAX starts its CPU client
+  from ssast_jax.training import train  # pylint: disable=import-outside-toplevel
   try:
     _initialize_distributed()
     train.train_and_evaluate(config, _WORKDIR.value)

@@ -4,19 +4,26 @@ python main.py --config=configs/demo.py --workdir=/tmp/ssast_demo
 
 train.py generates the demo clips (about 256 frames x 128 mel bins) under
 WORKDIR/demo_data, converts them and fills in the data paths; the normalisation statistics
-come from the shard manifest.
+come from the shard manifest. Everything not set here is the original's joint recipe
+(configs/pretrain_joint.py), including the MPC loss training the encoder.
 
-Two settings differ from the original's recipe so that a 2-block model learns visibly in a
-few hundred steps: frame (uniform) masking, which leaves every masked patch visible
-neighbours, and `mpc_trains_encoder=True`. With the faithful settings the same model's
-validation MPC accuracy only doubles in this time.
+What differs from it, and why (validation MPC accuracy from step 0 to the last step, 2-block
+tiny model, 616 steps, measured on 2 CPU cores):
+- A tiny 2-block model on 256-frame clips (8 x 16 patches), 40 masked patches: the size
+  that runs in minutes.
+- Frame (uniform) masking instead of cluster masking: every masked patch keeps visible
+  neighbours, which a 2-block model learns from quickly (0.030 -> 0.230, 7.7x); with the
+  original's cluster masking the same run reaches 0.024 -> 0.091 (3.7x).
+- Learning rate 1e-3 without the 1000-step warm-up, which is longer than the whole demo.
+- Batch 16 and plateau patience 2: with the original's batch 12 and patience 1 (and as many
+  epochs of 30 steps) the run reached 0.034 -> 0.121 (3.6x).
 """
 
-from ssast_jax import config_defaults
+from ssast_jax.config import defaults
 
 
 def get_config():
-  config = config_defaults.get_config()
+  config = defaults.get_config()
   config.data.demo = True
   config.data.mean = None
   config.data.std = None
@@ -28,10 +35,9 @@ def get_config():
   config.mask_patch = 40
   config.eval_mask_patch = 40
   config.mask_mode = 'frame'
-  config.mpc_trains_encoder = True
   config.batch_size = 16
   config.lr = 1e-3
-  config.warmup = False  # the original's 1000-step warm-up is longer than the demo
+  config.warmup = False
   config.num_epochs = 28  # 22 steps an epoch at 16 clips a batch: 616 steps
   config.epoch_iter = 88  # 4 epochs; the last validation falls on the last step
   config.lr_patience = 2

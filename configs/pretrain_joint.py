@@ -5,8 +5,8 @@ python main.py --config=configs/pretrain_joint.py --workdir=EXP \
   --config.data.val_json=test.json --config.data.val_pt_dir=PT_VAL
 """
 
-from ssast_jax import config_defaults
+from ssast_jax.config import defaults
 
 
 def get_config():
-  return config_defaults.get_config()
+  return defaults.get_config()

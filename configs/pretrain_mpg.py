@@ -4,10 +4,10 @@ The learning rate halves when the validation MSE stops improving; the best check
 the one with the lowest validation MSE.
 """
 
-from ssast_jax import config_defaults
+from ssast_jax.config import defaults
 
 
 def get_config():
-  config = config_defaults.get_config()
+  config = defaults.get_config()
   config.task = 'pretrain_mpg'
   return config

@@ -7,7 +7,7 @@ their worker processes start without loading JAX.
 import importlib
 
 _PUBLIC = {
-    'CheckpointError': 'ssast_jax.conversion',
+    'CheckpointError': 'ssast_jax.interchange.pytorch',
     'ModelConfig': 'ssast_jax.model',
     'ModelHandle': 'ssast_jax.api',
     'create_model': 'ssast_jax.api',
@@ -22,7 +22,7 @@ __all__ = sorted(_PUBLIC) + ['masking']
 
 def __getattr__(name):
   if name == 'masking':
-    return importlib.import_module('ssast_jax.masking')
+    return importlib.import_module('ssast_jax.objective.masking')
   if name in _PUBLIC:
     return getattr(importlib.import_module(_PUBLIC[name]), name)
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

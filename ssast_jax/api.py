@@ -9,8 +9,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ssast_jax import conversion, losses
+from ssast_jax.interchange import pytorch as conversion
 from ssast_jax.model import SSAST, ModelConfig, abstract_model
+from ssast_jax.objective import losses
 
 
 @dataclasses.dataclass

@@ -10,17 +10,19 @@ import argparse
 import jax
 import ml_collections
 
-from ssast_jax import api, checkpoints
-from ssast_jax.train import model_config
+from ssast_jax import api
+from ssast_jax.config.settings import resolve
 from ssast_jax.model import abstract_model
-from ssast_jax.train_step import init_state
+from ssast_jax.training import checkpoints
+from ssast_jax.training.state import init_state
 
 
 def export(workdir: str, out: str, which: str = 'best') -> int:
   """Writes the `which` checkpoint of `workdir` to `out`; returns its step."""
-  config = ml_collections.ConfigDict(checkpoints.read_config(workdir))
-  mcfg = model_config(config)
-  mngr = checkpoints.manager(workdir, config.task, config.keep_checkpoints)
+  settings = resolve(ml_collections.ConfigDict(checkpoints.read_config(workdir)),
+                     check_data=False, allow_unknown=True)
+  mcfg = settings.model
+  mngr = checkpoints.manager(workdir, settings.objective.task, settings.run.keep_checkpoints)
   try:
     step = mngr.best_step() if which == 'best' else mngr.latest_step()
     if step is None:
@@ -29,7 +31,7 @@ def export(workdir: str, out: str, which: str = 'best') -> int:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract_params = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-        jax.eval_shape(lambda: init_state(mcfg, config.seed, config.lr))['params'])
+        jax.eval_shape(lambda: init_state(mcfg, 0, settings.optim.lr))['params'])
     params = checkpoints.restore_params(mngr, step, abstract_params)
   finally:
     mngr.close()

@@ -18,10 +18,6 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from ssast_jax import host_memory  # noqa: E402
-
-host_memory.reuse_freed_memory()  # as the entry points do, before JAX's CPU client starts
-
 DATA = pathlib.Path(__file__).parent / 'data'
 
 

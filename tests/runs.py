@@ -7,7 +7,7 @@ import pathlib
 import subprocess
 import sys
 
-from ssast_jax import config_defaults
+from ssast_jax.config import defaults
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TIME_KEYS = ('train/clips_per_s', 'train/data_wait_ms')
@@ -15,7 +15,7 @@ TIME_KEYS = ('train/clips_per_s', 'train/data_wait_ms')
 
 def tiny_config(**overrides):
   """A tiny model on 64 x 64 inputs (4 x 4 patches); '__' in a key stands for '.'."""
-  config = config_defaults.get_config()
+  config = defaults.get_config()
   values = {'model.size': 'tiny', 'model.depth': 1, 'data.target_length': 64,
             'data.num_mel_bins': 64, 'mask_patch': 6, 'eval_mask_patch': 6, 'batch_size': 8,
             'warmup': False}

@@ -1,4 +1,7 @@
-"""Masks: validity, the original's cluster statistics (SPEC section 4), evenness, jit."""
+"""Masks: validity, the original's cluster statistics (SPEC section 4), evenness, jit, and
+the fast paths against plain reference algorithms fed the same random words."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -81,6 +84,105 @@ def test_frame_masking_is_uniform(draws, m):
   counts = np.bincount(masks.ravel(), minlength=512) / masks.shape[0]
   expected = m / 512
   assert np.abs(counts - expected).max() < 5 * np.sqrt(expected * (1 - expected) / 4000)
+
+
+def _reference_cluster(key, grid, m, per_round):
+  """SPEC section 4 step by step with a Python set, from the words `_cover_ranks` draws."""
+  p_f, p_t = grid
+  n = p_f * p_t
+  covered, side, round_index = set(), None, 0
+  while True:
+    words = [int(w) for w in jax.random.bits(jax.random.fold_in(key, round_index),
+                                             (per_round + 1,))]
+    side = (3, 4, 5)[words[per_round] % 3] if side is None else side
+    for word in words[:per_round]:
+      start = word % n
+      covered.update(c for i in range(side) for j in range(side)
+                     if 0 < (c := start + p_t * i + j) < n)
+      if len(covered) > m:
+        return sorted(covered)[:m]
+    round_index += 1
+
+
+def _reference_cluster_uniform(key, grid, m, per_round, factor):
+  """Clipped clusters until >= M patches, the crossing one's new cells kept in score order."""
+  p_f, p_t = grid
+  sides, big = range(factor, 2 * factor), 2 * factor - 1
+  covered, side, round_index = set(), None, 0
+  while True:
+    words = [int(w) for w in jax.random.bits(jax.random.fold_in(key, round_index),
+                                             (2 * per_round + 1 + big * big,))]
+    side = sides[words[2 * per_round] % len(sides)] if side is None else side
+    score = words[2 * per_round + 1:]
+    for c in range(per_round):
+      top = words[c] % (p_f + side - 1) + 1 - side
+      left = words[per_round + c] % (p_t + side - 1) + 1 - side
+      new = [(i * big + j, (top + i) * p_t + left + j) for i in range(side) for j in range(side)
+             if 0 <= top + i < p_f and 0 <= left + j < p_t
+             and (top + i) * p_t + left + j not in covered]
+      if len(covered) + len(new) >= m:
+        new.sort(key=lambda cell: (score[cell[0]], cell[0]))
+        return sorted(covered | {patch for _, patch in new[:m - len(covered)]})
+      covered.update(patch for _, patch in new)
+    round_index += 1
+
+
+@pytest.mark.parametrize('mode', ['cluster', 'cluster_uniform'])
+@pytest.mark.parametrize('grid, m', [((8, 64), 400), ((8, 64), 100), ((4, 9), 20),
+                                     ((1, 512), 300), ((12, 101), 1000)])
+@pytest.mark.parametrize('small_rounds', [False, True], ids=['one_round', 'while_loop'])
+def test_cluster_modes_match_reference(monkeypatch, mode, grid, m, small_rounds):
+  """The sliding-minimum cover, the stopping-cluster search, the random cut and the
+  ascending extraction equal the plain algorithm, both when the first round of clusters
+  suffices and when 3 clusters a round force the `while_loop` through many rounds."""
+  if small_rounds:
+    monkeypatch.setattr(masking, '_clusters_per_round', lambda *args: 3)
+  more_than, factor = (m, 3) if mode == 'cluster' else (m - 1, 3)
+  per_round = masking._clusters_per_round(grid[0] * grid[1], more_than + 1, factor)
+  keys = jax.random.split(jax.random.key(11), 8)
+  sampler = functools.partial(masking._SAMPLERS[mode], patch_grid=grid, num_masked=m,
+                              cluster_factor=factor)
+  got = np.asarray(jax.jit(jax.vmap(sampler))(keys))  # a fresh trace, under the patch
+  for key, mask in zip(keys, got):
+    want = (_reference_cluster(key, grid, m, per_round) if mode == 'cluster' else
+            _reference_cluster_uniform(key, grid, m, per_round, factor))
+    np.testing.assert_array_equal(mask, want)
+
+
+def test_frame_masks_are_the_smallest_uniform_scores():
+  """Frame masks equal the M smallest `jax.random.uniform` scores, ties to the lower index."""
+  keys = jax.random.split(jax.random.key(4), 64)
+  got = np.asarray(masking.masks_from_keys(keys, GRID, 400, 'frame'))
+  for key, mask in zip(keys, got):
+    scores = np.asarray(jax.random.uniform(key, (512,)))
+    np.testing.assert_array_equal(mask, np.sort(np.argsort(scores, kind='stable')[:400]))
+
+
+@pytest.mark.parametrize('n', [1, 2, 36, 100, 512, 1212])
+def test_running_count_and_first_members(n):
+  """The matmul running count equals cumsum; the scatter extraction equals the sorted
+  indices of `top_k` (and the first members of `nonzero`), without a sort."""
+  rng = np.random.default_rng(n)
+  for density in (0.05, 0.5, 0.95, 1.0):
+    member = rng.random(n) < density
+    member[rng.integers(n)] = True
+    np.testing.assert_array_equal(masking._running_count(jnp.asarray(member)),
+                                  np.cumsum(member))
+    for num in {1, int(member.sum()), max(1, int(member.sum()) // 2)}:
+      np.testing.assert_array_equal(masking._first_members(jnp.asarray(member), num),
+                                    np.nonzero(member)[0][:num])
+  priority = jnp.asarray(rng.permutation(n).astype(np.float32))
+  for num in sorted({1, (n + 1) // 2, n}):
+    chosen = priority <= jnp.sort(priority)[num - 1]
+    np.testing.assert_array_equal(masking._first_members(chosen, num),
+                                  jnp.sort(jax.lax.top_k(-priority, num)[1]))
+
+
+@pytest.mark.parametrize('mode', masking.MASK_MODES)
+def test_masks_depend_on_own_key_only(mode):
+  keys = jax.random.split(jax.random.key(5), 5)
+  whole = masking.masks_from_keys(keys, GRID, 400, mode)
+  np.testing.assert_array_equal(whole[3:], masking.masks_from_keys(keys[3:], GRID, 400, mode))
 
 
 def test_jit_and_keys():

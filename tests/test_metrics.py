@@ -10,7 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-from ssast_jax import config_defaults, metrics
+from ssast_jax.config import defaults
+from ssast_jax.config.settings import resolve
+from ssast_jax.training import metrics
 
 TIMING = {'train/clips_per_s': 10.0, 'train/data_wait_ms': 1.0}
 
@@ -183,7 +185,7 @@ def test_tensorboard_scalars_and_purge_on_resume(tmp_path):
 
 def test_tensorboard_is_loaded_without_torch(tmp_path):
   import subprocess  # pylint: disable=import-outside-toplevel
-  code = ('import sys; from ssast_jax import metrics; '
+  code = ('import sys; from ssast_jax.training import metrics; '
           f'w = metrics.MetricsWriter({str(tmp_path)!r}, task="pretrain_mpc", enabled=True); '
           'w.write(1, {"train/loss": 1.0}); w.close(); '
           'print(sorted(m for m in sys.modules if m.split(".")[0] == "torch"))')
@@ -193,13 +195,14 @@ def test_tensorboard_is_loaded_without_torch(tmp_path):
 
 
 def test_save_config_writes_resolved_json(tmp_path):
-  config = config_defaults.get_config()
-  path = metrics.save_config(str(tmp_path / 'run'), config)
+  config = defaults.get_config()
+  path = metrics.save_config(str(tmp_path / 'run'), resolve(config, check_data=False)
+                             .config_dict())
   saved = json.loads(_read(path))
   assert path == str(tmp_path / 'run' / 'config.json')
   assert saved['data']['mean'] == -7.4482 and saved['max_steps'] is None
   assert saved['model'] == {'size': 'base', 'depth': None, 'fshape': 16, 'tshape': 16,
-                            'fstride': 16, 'tstride': 16, 'attention': 'auto'}
+                            'fstride': 16, 'tstride': 16}
   assert saved == json.loads(config.to_json())
 
 

@@ -1,4 +1,5 @@
-"""The repository's promises: CI runs README's test command; requirements are pinned."""
+"""The repository's promises: CI and `make test` run README's test command; requirements are
+pinned."""
 
 import pathlib
 import re
@@ -13,6 +14,8 @@ def test_ci_runs_the_readme_test_command():
   ci_lines = [l.strip() for l in (ROOT / '.ci' / 'run').read_text().splitlines()
               if l.strip() and not l.lstrip().startswith('#')]
   assert ci_lines[-1] == command
+  make_test = (ROOT / 'Makefile').read_text().split('\ntest:', 1)[1].splitlines()[1].strip()
+  assert make_test.endswith(command), make_test
 
 
 def test_requirements_are_pinned():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ssast_jax import schedule
+from ssast_jax.training import schedule
 
 BASE_LR = 1e-4
 _jitted_warmup = jax.jit(schedule.warmup_lr, static_argnames=('base_lr', 'warmup'))

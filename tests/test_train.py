@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 
 import ssast_jax
-from ssast_jax import checkpoints
+from ssast_jax.config.settings import resolve
 from ssast_jax.data.demo import write_demo_dataset
-from ssast_jax.train import model_config
-from ssast_jax.train_step import init_state
+from ssast_jax.training import checkpoints
+from ssast_jax.training.state import init_state
 from runs import ROOT, env, metric_rows, run_main, tiny_run_flags, train_losses
 
 @pytest.fixture(scope='module')
@@ -67,11 +67,12 @@ def test_run_logs_evaluates_and_checkpoints(reference_run):
 def test_export_writes_the_checkpoints_parameters(reference_run, tmp_path):
   """Export reads only the parameters of a checkpoint: they equal those of its whole
   training state."""
-  config = ml_collections.ConfigDict(checkpoints.read_config(reference_run))
-  mcfg = model_config(config)
-  mngr = checkpoints.manager(str(reference_run), config.task, config.keep_checkpoints)
+  settings = resolve(ml_collections.ConfigDict(checkpoints.read_config(reference_run)),
+                     check_data=False)
+  mngr = checkpoints.manager(str(reference_run), settings.objective.task,
+                             settings.run.keep_checkpoints)
   try:
-    abstract = jax.eval_shape(lambda: init_state(mcfg, config.seed, config.lr))
+    abstract = jax.eval_shape(lambda: init_state(settings.model, 0, settings.optim.lr))
     state, _ = checkpoints.restore(mngr, mngr.latest_step(), abstract)
   finally:
     mngr.close()

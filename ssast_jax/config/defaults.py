@@ -1,8 +1,8 @@
 """Default pretraining config: the users' `run.py --task pretrain_joint` command.
 
 The files under configs/ start from `get_config()` and change what differs, so every
-default lives here once. README.md maps each `run.py` flag to its key and describes every
-key.
+default lives here once. docs/configuration.md maps each `run.py` flag to its key and describes
+every key; `settings.resolve` validates them.
 """
 
 import ml_collections
@@ -42,10 +42,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.tshape = 16
   config.model.fstride = 16
   config.model.tstride = 16
-  # Attention kernel: 'auto' (jax.nn.dot_product_attention on accelerators, explicit
-  # einsums on CPU, where XLA runs them faster), 'dot_product_attention' or 'explicit'.
-  # Float rounding only; see model.ATTENTION_IMPLS.
-  config.model.attention = 'auto'
 
   config.task = 'pretrain_joint'
   config.mask_patch = 400
@@ -53,9 +49,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.cluster_factor = 3
   config.eval_mask_patch = 400
   config.paper_infonce = False
-  # False (the original, per its reference gradients): the MPC loss trains the cpred head
-  # only; True: it also trains the encoder.
-  config.mpc_trains_encoder = False
   config.joint_passes = 2
 
   config.batch_size = 12  # global, over all devices and processes
@@ -78,7 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
   # softmax, LayerNorm statistics and the losses are computed in float32.
   config.dtype = 'float32'
   # Recompute each encoder block's activations in the backward pass (less memory, more
-  # FLOPs); remat_policy: what may still be kept, see model.REMAT_POLICIES.
+  # FLOPs); remat_policy: what may still be kept, see model.encoder.REMAT_POLICIES.
   config.remat = False
   config.remat_policy = 'nothing_saveable'
   # Devices sharing one copy of the parameters and optimiser state (the mesh's 'fsdp'
@@ -87,15 +80,6 @@ def get_config() -> ml_collections.ConfigDict:
   # Micro-batches per step: batch_size clips are processed batch_size / grad_accum_steps
   # at a time and make one optimiser update.
   config.grad_accum_steps = 1
-  # Each micro-batch is computed as this many interleaved parts, independent computations
-  # whose gradients are summed, which XLA:CPU runs side by side (steps 1.03-1.15x faster
-  # on 2 cores). 0 (auto): 2 on CPU when each device's share of a micro-batch splits in
-  # two, else 1. Float summation order only.
-  config.concurrent_parts = 0
-  # CPU only: each clip's forward pass rounds the same whatever the batch size, so that
-  # grad_accum_steps makes the whole batch's update to float summation order (README,
-  # Performance); steps about 1.1x longer.
-  config.batch_invariant = False
   # 'FIRST,LAST' (or 'STEP'): write a jax.profiler trace of those training steps (as
   # numbered in the logs) to WORKDIR/profile. '': no trace.
   config.profile_steps = ''

@@ -22,7 +22,7 @@ RESUMABLE_CHANGES = frozenset({
     'max_steps', 'num_epochs', 'checkpoint_every_steps', 'keep_checkpoints',
     'print_every_steps', 'profile_steps', 'data.train_json', 'data.train_pt_dir',
     'data.val_json', 'data.val_pt_dir', 'data.label_csv', 'data.shards_dir', 'fsdp',
-    'remat', 'remat_policy', 'grad_accum_steps', 'model.attention'})
+    'remat', 'remat_policy', 'grad_accum_steps'})
 
 
 def checkpoint_dir(workdir: str) -> str:

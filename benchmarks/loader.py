@@ -1,19 +1,25 @@
-"""Input pipeline throughput benchmark (`python -m ssast_jax.data.bench --shards DIR`).
+"""Input pipeline throughput benchmark: `python benchmarks/loader.py --shards DIR [...]`.
 
-Runs the training loader over converted shards, discarding the batches, and prints progress
-lines then, as its last line, a JSON object with `clips_per_s`, `mb_per_s` (float32 batch
-bytes delivered per second, 1 MB = 1e6 bytes) and the resident memory of the loader's process
-tree sampled during the run, so that flat memory can be checked.
+Runs the training loader (`ssast_jax.data.pipeline.train_loader`) over converted shards
+(`python -m ssast_jax.data.convert`), discarding the batches. Progress goes to stderr; the
+last line on stdout is a JSON object (`--out` also writes it) with `clips_per_s`,
+`mb_per_s` (float32 batch bytes delivered per second, 1 MB = 1e6 bytes) and the resident
+memory of the loader's process tree sampled during the run, so that flat memory can be
+checked.
 """
 
-import argparse
-import json
 import os
-import time
-from pathlib import Path
+import sys
 
-from ssast_jax.data import pipeline
-from ssast_jax.data import shards
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from ssast_jax.data import pipeline  # noqa: E402
+from ssast_jax.data import shards  # noqa: E402
 
 
 def _rss_bytes(pid: int) -> int:
@@ -49,7 +55,7 @@ def run(shards_dir, *, batch_size: int, target_length: int, steps: int, workers:
       rss.append(_rss_bytes(os.getpid()))
       elapsed = time.perf_counter() - started
       print(f"step {step}/{steps}: {step * batch_size / elapsed:,.0f} clips/s, "
-            f"rss {rss[-1] / 2**20:,.0f} MiB", flush=True)
+            f"rss {rss[-1] / 2**20:,.0f} MiB", file=sys.stderr, flush=True)
   elapsed = time.perf_counter() - started
   loader.close()
   clips = steps * batch["fbank"].shape[0]
@@ -64,9 +70,15 @@ def run(shards_dir, *, batch_size: int, target_length: int, steps: int, workers:
   }
 
 
+def _fail(message: str):
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m ssast_jax.data.bench",
+  parser = argparse.ArgumentParser(prog="python benchmarks/loader.py",
                                    description=__doc__.split("\n\n")[0])
+  parser.error = _fail  # one line, no usage text
   parser.add_argument("--shards", required=True, type=Path, help="converted shard directory")
   parser.add_argument("--batch-size", type=int, default=12)
   parser.add_argument("--target-length", type=int, default=1024)
@@ -77,7 +89,10 @@ def main(argv=None) -> None:
   parser.add_argument("--warmup", type=int, default=10, help="untimed batches first")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--random-crop", action="store_true")
+  parser.add_argument("--out", type=Path, help="also write the JSON result to this file")
   args = parser.parse_args(argv)
+  if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
+    _fail("--steps and --batch-size must be >= 1 and --warmup >= 0")
   if args.workers > 0:
     from absl import flags  # pylint: disable=import-outside-toplevel
     flags.FLAGS.mark_as_parsed()  # Grain's multiprocessing reads absl flags.
@@ -87,7 +102,10 @@ def main(argv=None) -> None:
                  prefetch=args.prefetch, warmup=args.warmup, seed=args.seed,
                  random_crop=args.random_crop)
   except (shards.ManifestError, ValueError) as e:
-    raise SystemExit(f"error: {e}") from None
+    _fail(str(e))
+  if args.out:
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
   print(json.dumps(result))
 
 

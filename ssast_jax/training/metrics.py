@@ -163,9 +163,9 @@ def progress_bar(total_steps: int, *, initial_step: int = 0, enabled: bool) -> t
                    mininterval=0.5 if sys.stderr.isatty() else 30.0)
 
 
-def save_config(workdir: str, config) -> str:
-  """Writes the resolved config as WORKDIR/config.json and returns its path."""
+def save_config(workdir: str, config: dict) -> str:
+  """Writes the run's config as WORKDIR/config.json and returns its path."""
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, CONFIG_FILE)
-  _atomic_write(path, config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
+  _atomic_write(path, json.dumps(config, indent=2, sort_keys=True) + '\n')
   return path

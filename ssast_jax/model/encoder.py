@@ -15,8 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ssast_jax import layer_norm as layer_norm_lib
-from ssast_jax import linear
+from ssast_jax.model import attention
 
 # (embedding width, attention heads) of the published sizes; all have 12 blocks.
 MODEL_SIZES = {'tiny': (192, 3), 'small': (384, 6), 'base': (768, 12)}
@@ -26,11 +25,6 @@ DEFAULT_DEPTH = 12
 # dense layers' outputs (matmuls without batch dimensions; attention's per-head matmuls and
 # softmax are recomputed).
 REMAT_POLICIES = ('nothing_saveable', 'dots_saveable', 'dots_with_no_batch_dims_saveable')
-# How attention is computed: 'dot_product_attention' (jax.nn.dot_product_attention, which
-# accelerators lower to fused kernels), 'explicit' (the same softmax(q k^T / sqrt(d)) v as
-# heads-major einsums, whose forward pass XLA:CPU runs 3x faster), 'auto': explicit on CPU,
-# dot_product_attention elsewhere. All agree to float rounding.
-ATTENTION_IMPLS = ('auto', 'dot_product_attention', 'explicit')
 LAYER_NORM_EPSILON = 1e-6
 NUM_LEADING_TOKENS = 2  # cls and dist
 
@@ -44,7 +38,7 @@ class ModelConfig:
   output width, `fshape * tshape` (256 in the original, where it is hard-coded).
   `remat` recomputes each block's activations in the backward pass instead of keeping
   them; `remat_policy` names the `jax.checkpoint_policies` entry saying which of them may
-  still be kept (REMAT_POLICIES). `attention` is one of ATTENTION_IMPLS.
+  still be kept (REMAT_POLICIES).
   """
   embed_dim: int
   num_heads: int
@@ -58,11 +52,6 @@ class ModelConfig:
   dtype: str = 'float32'
   remat: bool = False
   remat_policy: str = 'nothing_saveable'
-  attention: str = 'auto'
-
-  def __post_init__(self):
-    if self.attention not in ATTENTION_IMPLS:
-      raise ValueError(f'attention {self.attention!r} is not one of {ATTENTION_IMPLS}')
 
   @classmethod
   def from_size(cls, size: str, depth: int | None = None, **kwargs) -> 'ModelConfig':
@@ -138,70 +127,16 @@ VIT_LINEAR_INIT = nnx.initializers.normal(0.02)  # timm: trunc_normal(std=.02), 
 
 
 def vit_linear(in_features: int, out_features: int, config: ModelConfig, rngs: nnx.Rngs):
-  """An encoder block's dense layer. With remat its product stays JAX's own
-  `dot_general`, whose outputs the `remat_policy` can name and keep; `linear.dot_general`
-  would hide them inside its derivative."""
+  """An encoder block's dense layer: timm's init, compute in the model's dtype."""
   return nnx.Linear(in_features, out_features, kernel_init=VIT_LINEAR_INIT,
                     bias_init=nnx.initializers.zeros_init(), dtype=config.compute_dtype,
-                    dot_general=jax.lax.dot_general if config.remat else linear.dot_general,
                     rngs=rngs)
 
 
 def layer_norm(dim: int, config: ModelConfig, rngs: nnx.Rngs):
-  return layer_norm_lib.LayerNorm(dim, epsilon=LAYER_NORM_EPSILON, dtype=config.compute_dtype,
-                                  rngs=rngs)
-
-
-def explicit_attention(qkv: jax.Array) -> jax.Array:
-  """softmax(q k^T / sqrt(d)) v of `qkv` `(B, T, 3, heads, d)`, as `(B, T, heads, d)`.
-
-  Heads-major einsums with the scores and softmax in float32, the numerics of
-  `jax.nn.dot_product_attention`'s XLA path, which XLA:CPU lays out far better, and a
-  hand-written derivative (`heads_attention`).
-  """
-  q, k, v = (jnp.swapaxes(qkv[:, :, i], 1, 2) for i in range(3))  # (B, heads, T, d)
-  return jnp.swapaxes(heads_attention(q * q.shape[-1] ** -0.5, k, v), 1, 2)
-
-
-@jax.custom_vjp
-def heads_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-  """softmax(q k^T) v per head, all `(B, heads, T, d)`.
-
-  The derivative is the textbook one, with the softmax's row term taken as
-  `sum(d_out * out)` over d rather than over T keys; XLA's own derivative of the forward
-  runs about 12% slower per training step on CPU.
-  """
-  return _heads_attention_forward(q, k, v)[0]
-
-
-def _heads_attention_forward(q, k, v):
-  scores = jnp.einsum('bnth,bnsh->bnts', q, k, preferred_element_type=jnp.float32)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum('bnts,bnsh->bnth', probs, v)
-  return out, (q, k, v, probs, out)
-
-
-def _heads_attention_backward(residuals, d_out):
-  q, k, v, probs, out = residuals
-  f32 = jnp.float32
-  # Key and value gradients are computed with (d, T) outputs, transposed after: XLA:CPU
-  # runs these products about 1.3x faster than with (T, d) outputs.
-  d_v = jnp.swapaxes(jnp.einsum('bnth,bnts->bnhs', d_out, probs), -1, -2)
-  d_probs = jnp.einsum('bnth,bnsh->bnts', d_out, v, preferred_element_type=f32)
-  row_term = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1, keepdims=True)
-  d_scores = (probs.astype(f32) * (d_probs - row_term)).astype(q.dtype)
-  return (jnp.einsum('bnts,bnsh->bnth', d_scores, k),
-          jnp.swapaxes(jnp.einsum('bnth,bnts->bnhs', q, d_scores), -1, -2), d_v)
-
-
-heads_attention.defvjp(_heads_attention_forward, _heads_attention_backward)
-
-
-def resolved_attention(attention: str) -> str:
-  """The implementation 'auto' stands for on the default backend."""
-  if attention != 'auto':
-    return attention
-  return 'explicit' if jax.default_backend() == 'cpu' else 'dot_product_attention'
+  """The encoder's LayerNorm: epsilon 1e-6, statistics in float32."""
+  return nnx.LayerNorm(dim, epsilon=LAYER_NORM_EPSILON, dtype=config.compute_dtype,
+                       rngs=rngs)
 
 
 class Attention(nnx.Module):
@@ -212,44 +147,26 @@ class Attention(nnx.Module):
     if dim % config.num_heads:
       raise ValueError(f'embed_dim {dim} is not divisible by num_heads {config.num_heads}')
     self.num_heads = config.num_heads
-    self.attention = config.attention
     self.qkv = vit_linear(dim, 3 * dim, config, rngs)
     self.proj = vit_linear(dim, dim, config, rngs)
 
   def __call__(self, x):
     batch, tokens, dim = x.shape
-    head_dim = dim // self.num_heads
-    with jax.named_scope('qkv_proj'):
-      qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, head_dim)
-    with jax.named_scope('attention_core'):
-      if resolved_attention(self.attention) == 'explicit':
-        out = explicit_attention(qkv)
-      else:
-        out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
-                                           scale=head_dim ** -0.5)
-    with jax.named_scope('attention_out_proj'):
-      return self.proj(out.reshape(batch, tokens, dim))
+    qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
+    out = attention.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+    return self.proj(out.reshape(batch, tokens, dim))
 
 
 class Mlp(nnx.Module):
+  """fc1 (D -> 4D), exact GELU, fc2 (4D -> D)."""
+
   def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
     dim = config.embed_dim
     self.fc1 = vit_linear(dim, 4 * dim, config, rngs)
     self.fc2 = vit_linear(4 * dim, dim, config, rngs)
 
   def __call__(self, x):
-    with jax.named_scope('mlp_fc1'):
-      h = self.fc1(x)
-    with jax.named_scope('gelu'):
-      h = exact_gelu(h)
-    with jax.named_scope('mlp_fc2'):
-      return self.fc2(h)
-
-
-def exact_gelu(x: jax.Array) -> jax.Array:
-  """x * Phi(x) in PyTorch's form, 0.5 x (1 + erf(x / sqrt 2)): the original's
-  `nn.GELU()`; XLA:CPU evaluates it 2.7x faster than `jax.nn.gelu`'s erfc form."""
-  return 0.5 * x * (1 + jax.lax.erf(x * (0.5 ** 0.5)))
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
 
 
 class Block(nnx.Module):
@@ -262,29 +179,16 @@ class Block(nnx.Module):
     self.mlp = Mlp(config, rngs)
 
   def __call__(self, x):
-    with jax.named_scope('layer_norm'):
-      normed = self.norm1(x)
-    x = x + self.attn(normed)
-    with jax.named_scope('layer_norm'):
-      normed = self.norm2(x)
-    return x + self.mlp(normed)
+    x = x + self.attn(self.norm1(x))
+    return x + self.mlp(self.norm2(x))
 
 
-class PatchEmbed(nnx.Module):
-  """The original's Conv2d patch embedding, applied as a dense layer on patch vectors.
-
-  `kernel[i * tshape + j, d]` is the PyTorch conv weight `[d, 0, i, j]`.
-  """
-
-  def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
-    init = torch_default_uniform(config.pred_dim)
-    self.kernel = nnx.Param(init(rngs.params(), (config.pred_dim, config.embed_dim)))
-    self.bias = nnx.Param(init(rngs.params(), (config.embed_dim,)))
-    self.dtype = config.compute_dtype
-
-  def __call__(self, patches):
-    kernel = self.kernel[...].astype(self.dtype)
-    return linear.matmul(patches.astype(self.dtype), kernel) + self.bias[...].astype(self.dtype)
+def patch_embedding(config: ModelConfig, rngs: nnx.Rngs) -> nnx.Linear:
+  """The original's Conv2d patch embedding as a dense layer on non-overlapping patch
+  vectors: `kernel[i * tshape + j, d]` is the PyTorch conv weight `[d, 0, i, j]`."""
+  init = torch_default_uniform(config.pred_dim)
+  return nnx.Linear(config.pred_dim, config.embed_dim, kernel_init=init, bias_init=init,
+                    dtype=config.compute_dtype, rngs=rngs)
 
 
 class PretextHead(nnx.Module):
@@ -294,15 +198,12 @@ class PretextHead(nnx.Module):
     dim = config.embed_dim
     init = torch_default_uniform(dim)
     self.hidden = nnx.Linear(dim, dim, kernel_init=init, bias_init=init,
-                             dtype=config.compute_dtype, dot_general=linear.dot_general,
-                             rngs=rngs)
+                             dtype=config.compute_dtype, rngs=rngs)
     self.out = nnx.Linear(dim, config.pred_dim, kernel_init=init, bias_init=init,
-                          dtype=config.compute_dtype, dot_general=linear.dot_general,
-                          rngs=rngs)
+                          dtype=config.compute_dtype, rngs=rngs)
 
   def __call__(self, h):
-    with jax.named_scope('pretext_heads'):
-      return self.out(jax.nn.relu(self.hidden(h)))
+    return self.out(jax.nn.relu(self.hidden(h)))
 
 
 class SSAST(nnx.Module):
@@ -311,7 +212,7 @@ class SSAST(nnx.Module):
   def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
     dim = config.embed_dim
     self.config = config
-    self.patch_embed = PatchEmbed(config, rngs)
+    self.patch_embed = patch_embedding(config, rngs)
     token_init = nnx.initializers.normal(0.02)
     self.cls_token = nnx.Param(token_init(rngs.params(), (1, 1, dim)))
     self.dist_token = nnx.Param(token_init(rngs.params(), (1, 1, dim)))
@@ -332,16 +233,14 @@ class SSAST(nnx.Module):
 
   def encode(self, x, mask=None):
     """Final-norm token outputs `(B, N + 2, D)`; `mask` `(B, M)` patch indices or None."""
-    with jax.named_scope('patch_embed'):
-      h = self.embed(x, mask)
+    h = self.embed(x, mask)
     if self.config.remat:
       h = rematerialized_blocks(list(self.blocks), h,
                                 getattr(jax.checkpoint_policies, self.config.remat_policy))
     else:
       for block in self.blocks:
         h = block(h)
-    with jax.named_scope('layer_norm'):
-      return self.norm(h)
+    return self.norm(h)
 
   def embed(self, x, mask):
     """Block input: patch embeddings, masked ones replaced, after the two leading

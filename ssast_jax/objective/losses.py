@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from ssast_jax.model import NUM_LEADING_TOKENS, SSAST
 
@@ -34,37 +33,31 @@ def infonce(predictions: jax.Array, targets: jax.Array, paper_infonce: bool = Fa
   rows, then for each column the argmax over rows must be the column's own index.
   Returns float32 `(loss, accuracy)`, each `(B,)`.
   """
-  with jax.named_scope('pretext_losses'):
-    scores = jnp.einsum('bak,bck->bac', targets.astype(jnp.float32),
-                        predictions.astype(jnp.float32))
-    num_masked = scores.shape[-1]
-    axis = -2 if paper_infonce else -1
-    log_probs = jax.nn.log_softmax(scores, axis=axis)
-    loss = -jnp.mean(jnp.diagonal(log_probs, axis1=-2, axis2=-1), axis=-1)
-    # softmax's row normalisation changes which row wins a column, so argmax after it.
-    best_target = jnp.argmax(jax.nn.softmax(scores, axis=-1), axis=-2)
-    accuracy = jnp.mean(best_target == jnp.arange(num_masked), axis=-1)
-    return loss, accuracy.astype(jnp.float32)
+  scores = jnp.einsum('bak,bck->bac', targets.astype(jnp.float32),
+                      predictions.astype(jnp.float32))
+  num_masked = scores.shape[-1]
+  axis = -2 if paper_infonce else -1
+  log_probs = jax.nn.log_softmax(scores, axis=axis)
+  loss = -jnp.mean(jnp.diagonal(log_probs, axis1=-2, axis2=-1), axis=-1)
+  # softmax's row normalisation changes which row wins a column, so argmax after it.
+  best_target = jnp.argmax(jax.nn.softmax(scores, axis=-1), axis=-2)
+  accuracy = jnp.mean(best_target == jnp.arange(num_masked), axis=-1)
+  return loss, accuracy.astype(jnp.float32)
 
 
 def mse(predictions: jax.Array, targets: jax.Array) -> jax.Array:
   """MPG loss per clip `(B,)`: mean squared error over its masked patches and values."""
-  with jax.named_scope('pretext_losses'):
-    diff = predictions.astype(jnp.float32) - targets.astype(jnp.float32)
-    return jnp.mean(diff * diff, axis=(-2, -1))
+  diff = predictions.astype(jnp.float32) - targets.astype(jnp.float32)
+  return jnp.mean(diff * diff, axis=(-2, -1))
 
 
-def mpc_head_input(hidden: jax.Array, mpc_trains_encoder: bool) -> jax.Array:
-  """What the MPC head reads. The original's gradients (reference/tiny2_patch) show the
-  MPC loss training `cpred` only, never the encoder; `mpc_trains_encoder=True` lets it
-  reach the encoder too."""
-  return hidden if mpc_trains_encoder else jax.lax.stop_gradient(hidden)
+def mpc_loss(model: SSAST, x: jax.Array, mask: jax.Array, paper_infonce: bool = False):
+  """Masked patch classification, one forward pass with `mask`: per-clip (loss, accuracy).
 
-
-def mpc_loss(model: SSAST, x: jax.Array, mask: jax.Array, paper_infonce: bool = False,
-             mpc_trains_encoder: bool = False):
-  """Masked patch classification, one forward pass with `mask`: per-clip (loss, accuracy)."""
-  hidden = mpc_head_input(masked_outputs(model.encode(x, mask), mask), mpc_trains_encoder)
+  Only the targets are constant: the loss trains the `cpred` head and, through it, the
+  encoder (SPEC section 5).
+  """
+  hidden = masked_outputs(model.encode(x, mask), mask)
   return infonce(model.cpred(hidden), gather_patches(model.patches(x), mask), paper_infonce)
 
 
@@ -74,52 +67,37 @@ def mpg_loss(model: SSAST, x: jax.Array, mask: jax.Array) -> jax.Array:
   return mse(model.gpred(hidden), gather_patches(model.patches(x), mask))
 
 
-def joint_one_pass(model: SSAST, x: jax.Array, mask: jax.Array, paper_infonce: bool = False,
-                   mpc_trains_encoder: bool = False):
+def joint_one_pass(model: SSAST, x: jax.Array, mask: jax.Array, paper_infonce: bool = False):
   """Both heads on one forward pass with one mask: a cheaper recipe than the original's.
 
   Returns per-clip (mpc_loss, mpc_accuracy, mpg_loss).
   """
   hidden = masked_outputs(model.encode(x, mask), mask)
   targets = gather_patches(model.patches(x), mask)
-  nce, accuracy = infonce(model.cpred(mpc_head_input(hidden, mpc_trains_encoder)), targets,
-                          paper_infonce)
+  nce, accuracy = infonce(model.cpred(hidden), targets, paper_infonce)
   return nce, accuracy, mse(model.gpred(hidden), targets)
-
-
-def for_separate_pass(model: SSAST) -> SSAST:
-  """`model` with its parameters behind an optimisation barrier: the same values, which
-  XLA cannot merge with the other pass's uses. Merged, a bias or LayerNorm parameter's
-  broadcast that both passes' fused matmuls read is written out as a full activation-sized
-  array (84 per tiny-model step on CPU, 33 with the barrier; 2-4% of the step's time);
-  kept apart, each is fused into its reader.
-  """
-  graphdef, state = nnx.split(model)
-  return nnx.merge(graphdef, jax.lax.optimization_barrier(state))
 
 
 def pretext_losses(model: SSAST, x: jax.Array, mpc_mask: jax.Array | None,
                    mpg_mask: jax.Array | None, *, task: str = 'pretrain_joint',
                    paper_infonce: bool = False, joint_passes: int = 2,
-                   mpc_trains_encoder: bool = False, per_clip: bool = False) -> dict:
+                   per_clip: bool = False) -> dict:
   """The losses of `task` on a normalised batch `x` `(B, T, F)`.
 
   `pretrain_joint` with `joint_passes=2` is the original: two forward passes with the two
   independent masks, `loss = mpc_loss + 10 * mpg_loss`. With `joint_passes=1` both heads
-  read one pass with `mpc_mask`. `mpc_trains_encoder`: see `mpc_head_input`. Keys absent
+  read one pass with `mpc_mask`. Keys absent
   from a task are 0. Values are float32 means over the batch, or `(B,)` with `per_clip`
   (every clip has the same number of masked patches, so their mean is the batch value).
   """
-  out = _per_clip_losses(model, x, mpc_mask, mpg_mask, task, paper_infonce, joint_passes,
-                         mpc_trains_encoder)
+  out = _per_clip_losses(model, x, mpc_mask, mpg_mask, task, paper_infonce, joint_passes)
   return out if per_clip else {k: jnp.mean(v) for k, v in out.items()}
 
 
-def _per_clip_losses(model, x, mpc_mask, mpg_mask, task, paper_infonce, joint_passes,
-                     mpc_trains_encoder) -> dict:
+def _per_clip_losses(model, x, mpc_mask, mpg_mask, task, paper_infonce, joint_passes) -> dict:
   zero = jnp.zeros((x.shape[0],), jnp.float32)
   if task == 'pretrain_mpc':
-    nce, accuracy = mpc_loss(model, x, mpc_mask, paper_infonce, mpc_trains_encoder)
+    nce, accuracy = mpc_loss(model, x, mpc_mask, paper_infonce)
     return {'loss': nce, 'mpc_loss': nce, 'mpc_acc': accuracy, 'mpg_loss': zero}
   if task == 'pretrain_mpg':
     mse_loss = mpg_loss(model, x, mpg_mask)
@@ -127,11 +105,9 @@ def _per_clip_losses(model, x, mpc_mask, mpg_mask, task, paper_infonce, joint_pa
   if task != 'pretrain_joint':
     raise ValueError(f'unknown task {task!r}')
   if joint_passes == 1:
-    nce, accuracy, mse_loss = joint_one_pass(model, x, mpc_mask, paper_infonce,
-                                             mpc_trains_encoder)
+    nce, accuracy, mse_loss = joint_one_pass(model, x, mpc_mask, paper_infonce)
   elif joint_passes == 2:
-    nce, accuracy = mpc_loss(for_separate_pass(model), x, mpc_mask, paper_infonce,
-                             mpc_trains_encoder)
+    nce, accuracy = mpc_loss(model, x, mpc_mask, paper_infonce)
     mse_loss = mpg_loss(model, x, mpg_mask)
   else:
     raise ValueError(f'joint_passes must be 1 or 2, got {joint_passes}')

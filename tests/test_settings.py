@@ -1,4 +1,4 @@
-"""check_config: every configs/ file passes, every bad value fails naming its key; main.py."""
+"""settings.resolve: every configs/ file resolves, every bad value fails naming its key; main.py."""
 
 import importlib.util
 import json
@@ -9,8 +9,7 @@ import sys
 
 import pytest
 
-from ssast_jax import config_checks
-from ssast_jax.config_checks import ConfigError, check_config
+from ssast_jax.config.settings import ConfigError, resolve, split_shards_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ('pretrain_joint', 'pretrain_mpc', 'pretrain_mpg', 'pretrain_joint_frame', 'demo')
@@ -54,13 +53,14 @@ def _config(data_dir, name='pretrain_joint', **overrides):
 
 @pytest.mark.parametrize('name', CONFIGS)
 def test_every_config_passes_with_valid_data(data_dir, name):
-  check_config(_config(data_dir, name))
+  settings = resolve(_config(data_dir, name))
+  assert settings.config_dict()['task'] == settings.objective.task
 
 
 def test_demo_config_needs_no_data_paths():
   config = _load('demo')
   assert config.data.demo and config.data.train_json == '' and config.data.mean is None
-  check_config(config)
+  resolve(config)
 
 
 @pytest.mark.parametrize('name, grid, mode', [
@@ -68,15 +68,14 @@ def test_demo_config_needs_no_data_paths():
     ('pretrain_joint_frame', (1, 512), 'frame'), ('demo', (8, 16), 'frame'),
 ])
 def test_patch_grid_and_mask_mode(name, grid, mode):
-  config = _load(name)
-  assert config_checks.patch_grid(config) == grid
-  assert config_checks.resolved_mask_mode(config) == mode
+  objective = resolve(_load(name), check_data=False).objective
+  assert (objective.patch_grid, objective.mask_mode) == (grid, mode)
 
 
 def test_empty_mask_mode_resolves_to_frame_for_frame_models():
   config = _load('pretrain_joint_frame')
   config.mask_mode = ''
-  assert config_checks.resolved_mask_mode(config) == 'frame'
+  assert resolve(config, check_data=False).objective.mask_mode == 'frame'
 
 
 def test_config_defaults_are_the_users_run():
@@ -93,8 +92,6 @@ def test_config_defaults_are_the_users_run():
     ({'task': 'ft_cls'}, "task must be one of 'pretrain_joint', 'pretrain_mpc', "
                          "'pretrain_mpg'; got 'ft_cls'"),
     ({'model__size': 'base384'}, "model.size must be one of 'tiny', 'small', 'base'"),
-    ({'model__attention': 'flash'}, "model.attention must be one of 'auto', "
-                                    "'dot_product_attention', 'explicit'; got 'flash'"),
     ({'model__depth': 0}, 'model.depth must be an integer >= 1; got 0'),
     ({'model__fstride': 10}, 'model.fstride is 10 but pretraining needs it equal to '
                              'model.fshape (16)'),
@@ -135,14 +132,14 @@ def test_config_defaults_are_the_users_run():
 ])
 def test_bad_values_name_their_key(data_dir, overrides, message):
   with pytest.raises(ConfigError) as error:
-    check_config(_config(data_dir, **overrides))
+    resolve(_config(data_dir, **overrides))
   assert str(error.value).startswith(message)
   assert '\n' not in str(error.value)
 
 
 def test_frame_masking_allows_every_patch(data_dir):
-  check_config(_config(data_dir, mask_patch=512, mask_mode='frame'))
-  check_config(_config(data_dir, mask_patch=510))  # cluster: N - 2
+  assert resolve(_config(data_dir, mask_patch=512, mask_mode='frame')).objective.mask_patch == 512
+  assert resolve(_config(data_dir, mask_patch=510)).objective.mask_patch == 510  # N - 2
 
 
 def _write(path, text):
@@ -163,7 +160,7 @@ def test_bad_data_paths_name_their_key(data_dir, key, make_value, message):
   config = _config(data_dir)
   _set(config, key, make_value(data_dir))
   with pytest.raises(ConfigError, match='^' + re.escape(message)):
-    check_config(config)
+    resolve(config)
 
 
 @pytest.mark.parametrize('text, detail', [
@@ -174,7 +171,7 @@ def test_bad_data_paths_name_their_key(data_dir, key, make_value, message):
 def test_manifest_json_problems(data_dir, text, detail):
   config = _config(data_dir, data__val_json=_write(data_dir / 'v.json', text))
   with pytest.raises(ConfigError, match=r'^data\.val_json: .*/v\.json.*' + re.escape(detail)):
-    check_config(config)
+    resolve(config)
 
 
 def test_shards_dir(tmp_path):
@@ -184,19 +181,36 @@ def test_shards_dir(tmp_path):
   (tmp_path / 'train' / 'manifest.json').write_text('{}')
   with pytest.raises(ConfigError, match=r'^data\.shards_dir: no converted validation shards: '
                                         r'.*/val/manifest\.json does not exist'):
-    check_config(config)
+    resolve(config)
   (tmp_path / 'val').mkdir()
   (tmp_path / 'val' / 'manifest.json').write_text('{}')
-  check_config(config)
-  assert config_checks.split_shards_dir(str(tmp_path), 'val') == str(tmp_path / 'val')
+  assert resolve(config).data.shards_dir == str(tmp_path)
+  assert split_shards_dir(str(tmp_path), 'val') == str(tmp_path / 'val')
 
 
 def test_shards_dir_with_sources_is_a_conversion_target(data_dir, tmp_path):
   config = _config(data_dir, data__shards_dir=str(tmp_path / 'not_yet_converted'))
-  check_config(config)
+  resolve(config)
   config.data.val_pt_dir = ''
   with pytest.raises(ConfigError, match=r'^data\.val_pt_dir is empty'):
-    check_config(config)
+    resolve(config)
+
+
+def test_unknown_keys_are_refused_unless_reading_a_saved_run():
+  config = _load('pretrain_joint')
+  config.mpc_trains_encoder = True  # a key of an older version
+  with pytest.raises(ConfigError, match=r'^unknown config key mpc_trains_encoder: not a key '):
+    resolve(config, check_data=False)
+  assert resolve(config, check_data=False, allow_unknown=True).objective.joint_passes == 2
+
+
+def test_settings_are_typed_and_frozen():
+  settings = resolve(_load('pretrain_joint'), check_data=False)
+  assert settings.batch_shape == (12, 1024, 128)
+  assert settings.model.patch_grid == settings.objective.patch_grid == (8, 64)
+  assert hash(settings) == hash(resolve(_load('pretrain_joint'), check_data=False))
+  with pytest.raises(AttributeError):
+    settings.optim.lr = 1.0
 
 
 def _run_main(*args, env=None):

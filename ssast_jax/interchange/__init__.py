@@ -1,0 +1,1 @@
+"""Interchange with the original PyTorch SSAST: its `.pth` checkpoint layout, both ways."""

@@ -1,0 +1,1 @@
+"""The pretext objective: patch masks (`masking`) and the MPC / MPG losses (`losses`)."""
