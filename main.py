@@ -1,6 +1,6 @@
 """Pretrains SSAST: python main.py --config=configs/pretrain_joint.py --workdir=EXP.
 
-Keys of the config are overridden with --config.KEY=VALUE (README.md lists them). Re-running
+Keys of the config are overridden with --config.KEY=VALUE (docs/configuration.md lists them). Re-running
 the same command resumes from the latest checkpoint in the workdir. In a job of several
 processes (SLURM, Open MPI, Cloud TPU, Kubernetes, or the explicit --coordinator_address,
 --num_processes and --process_id flags) jax.distributed is initialised first.

@@ -17,7 +17,8 @@ mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
 
-if [[ -z ${JAX_PLATFORMS:-} ]] && command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+if [[ -z ${JAX_PLATFORMS:-} ]] && command -v nvidia-smi >/dev/null \
+    && nvidia-smi -L >/dev/null 2>&1; then
   export JAX_PLATFORMS=cuda  # fail rather than fall back to the CPU
 fi
 

@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%[\w.\-]+ = ')
 _ARRAY = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\]')
@@ -119,8 +120,10 @@ class ProductTimer:
       if unknown:
         raise ValueError(f'cannot time {product.describe()}: no random operands of type '
                          f'{", ".join(sorted(unknown))}')
-      operands = [jax.random.normal(jax.random.key(2 * index + side), shape, _DTYPES[dtype])
-                  for side, (dtype, shape) in enumerate((product.lhs, product.rhs))]
+      # NumPy draws the operands: a JAX draw would compile a program per shape.
+      rng = np.random.default_rng(index)
+      operands = [jax.device_put(rng.standard_normal(shape, np.float32).astype(_DTYPES[dtype]))
+                  for dtype, shape in (product.lhs, product.rhs)]
       dot = jax.jit(lambda a, b, p=product: jax.lax.dot_general(
           a, b, (p.contracting, p.batch), preferred_element_type=_DTYPES[p.out_dtype]))
       dot(*operands).block_until_ready()

@@ -26,7 +26,7 @@ from ssast_jax.objective import losses
 from ssast_jax.training import sharding
 from ssast_jax.training.state import init_state
 from ssast_jax.training.step import (MPC_PASS, MPG_PASS, batch_gradients, draw_masks,
-                                     train_step)
+                                     train_step, without_invariant_directions)
 from runs import run_main, tiny_config as _config, tiny_run_flags, train_losses
 
 
@@ -312,3 +312,27 @@ def test_profile_steps_parse(value, expected):
 def test_bad_profile_steps_are_refused(value):
   with pytest.raises(ConfigError, match='profile_steps must be "FIRST,LAST"'):
     _settings(_config(profile_steps=value))
+
+
+# --- directions no loss depends on ------------------------------------------------------
+
+def test_invariant_directions_are_zeroed_and_no_loss_depends_on_them():
+  """The key third of each qkv bias and the cpred output bias get a zero gradient; moving
+  them leaves every loss as it was (to float rounding), and nothing else is zeroed."""
+  mcfg, graphdef, settings = _step_parts(_config(model__depth=2))
+  params = init_state(mcfg, 0, 1e-4)['params']
+  ones = without_invariant_directions(jax.tree.map(jnp.ones_like, params))
+  qkv_bias = np.asarray(ones['blocks'][1]['attn']['qkv']['bias'][...])
+  assert qkv_bias[:192].all() and not qkv_bias[192:384].any() and qkv_bias[384:].all()
+  assert not np.asarray(ones['cpred']['out']['bias'][...]).any()
+  assert flat(ones).sum() == flat(params).size - 2 * 192 - 256
+
+  fbank, masks = _batch(settings), _masks(settings)
+  def all_losses(params):
+    return losses.pretext_losses(nnx.merge(graphdef, params), fbank, *masks)
+  shifted = jax.tree.map(lambda p, keep: p + 0.5 * (1 - keep), params, ones)
+  before, after = all_losses(params), all_losses(shifted)
+  for key in ('loss', 'mpc_loss', 'mpg_loss', 'mpc_acc'):
+    np.testing.assert_allclose(float(after[key]), float(before[key]), rtol=1e-5, err_msg=key)
+  moved = jax.tree.map(lambda p: p + 0.5, params)
+  assert abs(float(all_losses(moved)['loss']) / float(before['loss']) - 1) > 1e-3

@@ -174,8 +174,8 @@ def _choice(key: str, value, choices):
 
 
 def _bool(key: str, value) -> bool:
-  _require(value in (True, False), f'{key} must be True or False; got {value!r}')
-  return bool(value)
+  _require(isinstance(value, bool), f'{key} must be True or False; got {value!r}')
+  return value
 
 
 def _int(key: str, value, minimum: int, optional: bool = False):

@@ -168,8 +168,9 @@ def _cover_ranks(key, patch_grid, more_than: int, sides, clipped: bool, extra_wo
 
   Clusters are i.i.d., so the round size `R` changes only the speed: the first round almost
   always suffices, and a `while_loop` of further rounds keeps the result exact. Each round
-  is a single draw of random words from `fold_in(key, round)` (the first round's also holds
-  the side): on CPU a threefry call costs tens of microseconds even for a few words.
+  is a single draw of random words from `fold_in(key, round)`: the corners (`R` starts, or
+  `R` tops then `R` lefts), one word for the side (used from the first round only), then
+  the `extra_words`. On CPU a threefry call costs tens of microseconds even for a few words.
   `clipped=False` places clusters like the original (`_flat_cover`), `clipped=True` with the
   edges clipped (`_clipped_cover`), which makes every patch equally likely to be covered.
   """
