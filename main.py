@@ -1,9 +1,11 @@
-"""Pretrains SSAST: python main.py --config=configs/pretrain_joint.py --workdir=EXP.
+"""Pretrains SSAST: python main.py --config=configs/pretrain_joint.py --workdir=EXP, or
+fine-tunes it: python main.py --config=configs/finetune.py --config.pretrained=PTH ... .
 
 Keys of the config are overridden with --config.KEY=VALUE (docs/configuration.md lists them). Re-running
 the same command resumes from the latest checkpoint in the workdir. In a job of several
 processes (SLURM, Open MPI, Cloud TPU, Kubernetes, or the explicit --coordinator_address,
---num_processes and --process_id flags) jax.distributed is initialised first.
+--num_processes and --process_id flags) jax.distributed is initialised first. Exit codes:
+ssast_jax/training/faults.py and docs/training.md ("Faults").
 """
 
 import os
@@ -15,6 +17,8 @@ from absl import logging
 from ml_collections import config_flags
 
 from ssast_jax.config.settings import ConfigError
+from ssast_jax.config.finetune import TASKS as FINETUNE_TASKS
+from ssast_jax.training import faults, host_allocator
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
                                           lock_config=True)
@@ -23,13 +27,19 @@ _COORDINATOR_ADDRESS = flags.DEFINE_string(
     'coordinator_address', None, 'host:port of process 0, for jax.distributed.initialize.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the job.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process: 0 .. num_processes-1.')
+_TUNE_CPU_ALLOCATOR = flags.DEFINE_bool(
+    'tune_cpu_allocator', True, 'On a CPU backend, restart once with glibc malloc tunables '
+    'that make the step faster (ssast_jax/training/host_allocator.py).')
+_VERIFY_DATA = flags.DEFINE_bool(
+    'verify_data', False, "Before step 0, also check every shard's content hash against the "
+    "manifest (the sizes are always checked).")
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def _fail(message: str):
-  """Ends the program with one line on stderr and exit code 2."""
+def _fail(message: str, code: int = faults.EXIT_BAD_INPUT):
+  """Ends the program with one line on stderr and exit code `code`."""
   print(f'error: {message}', file=sys.stderr)
-  sys.exit(2)
+  sys.exit(code)
 
 
 def _parse_flags(argv):
@@ -56,8 +66,9 @@ def _cluster_process_count() -> int:
   return 1
 
 
-def _initialize_distributed() -> None:
-  """jax.distributed.initialize when flags ask for it or the job spans several processes."""
+def _initialize_distributed(workdir: str) -> None:
+  """jax.distributed.initialize when flags ask for it or the job spans several processes;
+  then native logs go to WORKDIR/logs/process_I.log (faults.send_native_logs_to)."""
   import jax  # pylint: disable=import-outside-toplevel
   explicit = {'coordinator_address': _COORDINATOR_ADDRESS.value,
               'num_processes': _NUM_PROCESSES.value, 'process_id': _PROCESS_ID.value}
@@ -70,6 +81,8 @@ def _initialize_distributed() -> None:
     jax.distributed.initialize()
   else:
     return
+  faults.send_native_logs_to(
+      os.path.join(os.path.abspath(workdir), 'logs', f'process_{jax.process_index()}.log'))
   if jax.process_index() != 0:
     # Only process 0 reports progress; the others keep stderr for errors. Standard output
     # is closed at the file-descriptor level, where collective libraries (gloo) print.
@@ -85,21 +98,33 @@ def _initialize_distributed() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  if _TUNE_CPU_ALLOCATOR.value:
+    host_allocator.restart_with_tuned_allocator()
   config_path = config_flags.get_config_filename(flags.FLAGS['config'])
   if not os.path.isfile(config_path):
     _fail(f'--config: file not found: {config_path}')
   config = _CONFIG.value
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
-  from ssast_jax.training import train  # pylint: disable=import-outside-toplevel
+  # Fine-tuning configs (configs/finetune*.py) set a fine-tuning task; the rest pretrain.
+  if config.get('task') in FINETUNE_TASKS:
+    from ssast_jax.finetune import train  # pylint: disable=import-outside-toplevel
+  else:
+    from ssast_jax.training import train  # pylint: disable=import-outside-toplevel
   try:
-    _initialize_distributed()
-    train.train_and_evaluate(config, _WORKDIR.value)
+    _initialize_distributed(_WORKDIR.value)
+    train.train_and_evaluate(config, _WORKDIR.value, verify_data=_VERIFY_DATA.value)
   except ConfigError as error:
     _fail(str(error))
-  except train.RUN_ERRORS as error:
-    print(f'error: {error}', file=sys.stderr)
-    sys.exit(1)
+  except faults.Preempted as error:
+    print(str(error), file=sys.stderr)
+    sys.exit(faults.EXIT_PREEMPTED)
+  except faults.CheckpointWriteError as error:  # exit at once: orbax's failed writes would
+    faults.exit_now(str(error), faults.EXIT_CHECKPOINT_WRITE)  # log again at shutdown
+  except train.INPUT_ERRORS as error:
+    _fail(str(error))
+  except train.TrainingError as error:
+    _fail(str(error), faults.EXIT_ERROR)
 
 
 if __name__ == '__main__':

@@ -47,6 +47,7 @@ from ml_collections import config_flags  # noqa: E402
 from benchmarks import product_ceiling as product_ceiling_lib  # noqa: E402
 from ssast_jax.config.settings import ConfigError, resolve  # noqa: E402
 from ssast_jax.training.step import step_setup  # noqa: E402
+from ssast_jax.training import host_allocator  # noqa: E402
 
 PEAK_SAMPLES_PER_ROUND = 3  # peak matmuls timed after each round of steps
 FIRST_KEYS = ('step_s', 'clips_per_s', 'mfu', 'flops_per_step', 'achieved_flops',
@@ -177,7 +178,8 @@ def describe(settings, setup) -> dict:
           'remat': m.remat, 'remat_policy': m.remat_policy if m.remat else None,
           'dtype': m.dtype, 'fsdp': settings.run.fsdp, 'mesh': dict(setup.mesh.shape),
           'devices': jax.device_count(), 'platform': jax.devices()[0].platform,
-          'device_kind': jax.devices()[0].device_kind}
+          'device_kind': jax.devices()[0].device_kind,
+          'glibc_tunables': os.environ.get('GLIBC_TUNABLES', '')}
 
 
 def _check_product_ceiling(settings, steps: int) -> None:
@@ -329,12 +331,16 @@ def define_flags() -> None:
   flags.DEFINE_bool('product_ceiling', False, "Also time the step's matrix products alone "
                     "and report the MFU ceiling they set (CPU, one device).")
   flags.DEFINE_string('out', '', 'Also write the JSON result to this file.')
+  flags.DEFINE_bool('tune_cpu_allocator', True, 'As main.py: on a CPU backend, restart once '
+                    'with the glibc malloc tunables of ssast_jax/training/host_allocator.py.')
   flags.mark_flags_as_required(['config'])
 
 
 def main(argv):
   del argv
   f = flags.FLAGS
+  if f.tune_cpu_allocator:
+    host_allocator.restart_with_tuned_allocator()
   try:
     result = benchmark(f.config, f.steps, f.warmup_steps, f.compare, f.product_ceiling)
   except ConfigError as error:

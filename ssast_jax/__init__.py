@@ -8,10 +8,14 @@ import importlib
 
 _PUBLIC = {
     'CheckpointError': 'ssast_jax.interchange.pytorch',
+    'ClassifierHandle': 'ssast_jax.finetune',
     'ModelConfig': 'ssast_jax.model',
     'ModelHandle': 'ssast_jax.api',
+    'classify': 'ssast_jax.finetune',
     'create_model': 'ssast_jax.api',
+    'embed': 'ssast_jax.finetune',
     'encode': 'ssast_jax.api',
+    'finetune_model': 'ssast_jax.finetune',
     'from_pytorch': 'ssast_jax.api',
     'pretext_losses': 'ssast_jax.api',
     'to_pytorch': 'ssast_jax.api',

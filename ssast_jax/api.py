@@ -1,4 +1,5 @@
-"""The public entry points: model handles, encoding, pretext losses, PyTorch interchange."""
+"""The public entry points: model handles, encoding, pretext losses, PyTorch interchange
+(fine-tuning: `ssast_jax.finetune`)."""
 
 from __future__ import annotations
 
@@ -45,17 +46,37 @@ def handle_from_params(config: ModelConfig, params: dict, extras=None) -> ModelH
   return ModelHandle(config, graphdef, state, dict(extras or {}))
 
 
-def from_pytorch(path) -> ModelHandle:
-  """Reads an original SSAST pretraining checkpoint (`.pth`, float32 or float16, with or
-  without the `module.` prefix); the geometry is inferred from the tensors."""
-  config, params, extras = conversion.read_checkpoint(path)
+def from_pytorch(path, fstride=None, tstride=None, input_tdim=None, input_fdim=None):
+  """Reads an original SSAST checkpoint (`.pth`, float32 or float16, with or without the
+  `module.` prefix) of either kind.
+
+  A pretraining checkpoint gives a ModelHandle, its geometry inferred from the tensors. A
+  fine-tuned one (the original's `ASTModel(pretrain_stage=False)`) gives a classifier
+  handle; the file does not record the patch strides and the input length, so `fstride`,
+  `tstride` and `input_tdim` (and `input_fdim` where it is not 128) must be given; a
+  pretraining file takes none of them.
+  """
+  # Imported here: the fine-tuning modules build on this one.
+  from ssast_jax.finetune import model as finetune
+  from ssast_jax.interchange import finetuned
+  config, params, extras = finetuned.read_any_checkpoint(path, fstride, tstride, input_tdim,
+                                                         input_fdim)
+  if isinstance(config, finetune.ClassifierConfig):
+    return finetune.classifier_from_params(config, params, extras)
   return handle_from_params(config, params, extras)
 
 
-def to_pytorch(model: ModelHandle, path) -> None:
-  """Writes `model` in exactly the original's layout (SPEC section 9), loadable by the
-  original fine-tuning code."""
-  conversion.write_checkpoint(model.params, model.config, path, model.extras)
+def to_pytorch(model, path) -> None:
+  """Writes `model` in exactly the original's layout, loadable by the original code: a
+  ModelHandle as its pretraining checkpoint (SPEC section 9), a classifier as its
+  fine-tuned model's `DataParallel` state dict."""
+  # Imported here: the fine-tuning modules build on this one.
+  from ssast_jax.finetune import model as finetune
+  from ssast_jax.interchange import finetuned
+  if isinstance(model, finetune.ClassifierHandle):
+    finetuned.write_checkpoint(model.params, model.config, path, model.extras)
+  else:
+    conversion.write_checkpoint(model.params, model.config, path, model.extras)
 
 
 @functools.partial(jax.jit, static_argnums=0)

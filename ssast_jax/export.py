@@ -8,35 +8,39 @@ from __future__ import annotations
 import argparse
 
 import jax
-import ml_collections
 
 from ssast_jax import api
-from ssast_jax.config.settings import resolve
+from ssast_jax.config.settings import resolve_saved
 from ssast_jax.model import abstract_model
 from ssast_jax.training import checkpoints
 from ssast_jax.training.state import init_state
 
 
-def export(workdir: str, out: str, which: str = 'best') -> int:
-  """Writes the `which` checkpoint of `workdir` to `out`; returns its step."""
-  settings = resolve(ml_collections.ConfigDict(checkpoints.read_config(workdir)),
-                     check_data=False, allow_unknown=True)
-  mcfg = settings.model
+def workdir_params(workdir: str, which: str = 'latest'):
+  """(settings, step, parameters) of the `which` ('best' or 'latest') checkpoint of a
+  training run: the run's saved config and only the parameters (no optimiser state), on
+  this process's first device whatever the run's mesh was."""
+  settings = resolve_saved(checkpoints.read_config(workdir))
   mngr = checkpoints.manager(workdir, settings.objective.task, settings.run.keep_checkpoints)
   try:
     step = mngr.best_step() if which == 'best' else mngr.latest_step()
     if step is None:
-      raise FileNotFoundError(f'{checkpoints.checkpoint_dir(workdir)}: no checkpoint to export')
-    # Only the parameters, onto this process's first device, whatever the run's mesh was.
+      raise FileNotFoundError(f'{checkpoints.checkpoint_dir(workdir)}: no checkpoint to load')
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract_params = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-        jax.eval_shape(lambda: init_state(mcfg, 0, settings.optim.lr))['params'])
+        jax.eval_shape(lambda: init_state(settings.model, 0, settings.optim.lr))['params'])
     params = checkpoints.restore_params(mngr, step, abstract_params)
   finally:
     mngr.close()
-  graphdef, _ = abstract_model(mcfg)
-  api.to_pytorch(api.ModelHandle(mcfg, graphdef, params), out)
+  return settings, step, params
+
+
+def export(workdir: str, out: str, which: str = 'best') -> int:
+  """Writes the `which` checkpoint of `workdir` to `out`; returns its step."""
+  settings, step, params = workdir_params(workdir, which)
+  graphdef, _ = abstract_model(settings.model)
+  api.to_pytorch(api.ModelHandle(settings.model, graphdef, params), out)
   return step
 
 

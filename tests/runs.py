@@ -4,8 +4,10 @@ tiny dataset."""
 import json
 import os
 import pathlib
+import socket
 import subprocess
 import sys
+import time
 
 from ssast_jax.config import defaults
 
@@ -39,7 +41,7 @@ def tiny_run_flags(dataset, workdir, **overrides):
             'data.std': 2.5, 'model.size': 'tiny', 'model.depth': 1, 'mask_patch': 6,
             'eval_mask_patch': 6, 'batch_size': 8, 'lr': 1e-4, 'warmup': False,
             'num_epochs': 2, 'epoch_iter': 8, 'checkpoint_every_steps': 3,
-            'print_every_steps': 1, 'keep_checkpoints': 2}
+            'print_every_steps': 1, 'keep_checkpoints': 2, 'eval_picture': False}
   config.update(overrides)
   return ['--config', str(ROOT / 'configs' / 'pretrain_joint.py'), f'--workdir={workdir}'] + [
       f'--config.{k}={v}' for k, v in config.items()]
@@ -67,3 +69,33 @@ def metric_rows(workdir):
 
 def train_losses(workdir):
   return {r['step']: r['train/loss'] for r in metric_rows(workdir) if 'train/loss' in r}
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def start_processes(args, count=2):
+  """`count` processes of one `main.py` job on this host, with pipes for their output."""
+  port = free_port()
+  return [subprocess.Popen(
+      [sys.executable, str(ROOT / 'main.py')] + args + [
+          f'--coordinator_address=localhost:{port}', f'--num_processes={count}',
+          f'--process_id={i}'],
+      env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(count)]
+
+
+def wait_for_steps(workdir, count, timeout=300):
+  """Waits until `workdir`'s metrics.jsonl logs `count` training steps."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    try:
+      if len(train_losses(workdir)) >= count:
+        return
+    except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or a torn line
+      pass
+    time.sleep(0.005)
+  raise AssertionError(f'{workdir}: fewer than {count} steps logged in {timeout} s')

@@ -1,17 +1,23 @@
-"""The `.pt` -> shard converter, the shard reader and the demo data."""
+"""The `.pt` and audio -> shard converter, the shard reader and the demo data."""
 
 import json
 import os
+import pathlib
 import pickle
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+import soundfile
 import torch
 
-from ssast_jax.data import ShardedFeatures, convert as convert_lib, demo, shards
+from ssast_jax.data import ShardedFeatures, convert as convert_lib, demo, shard_writer, shards
+from ssast_jax.features import clip_features
 
 F = 16
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _clip(rng, length, bins=F):
@@ -263,3 +269,146 @@ def test_demo_dataset_converts_with_every_path(tmp_path):
   lengths = ShardedFeatures(tmp_path / 'out').lengths
   assert 35 <= lengths.min() and lengths.max() <= 43 and len(set(lengths.tolist())) > 3
   assert -9 < manifest['mean'] < -3 and 1.5 < manifest['std'] < 3.5  # like real log-mel
+
+
+def _save_pt_features(pairs):
+  """torch.save(torch.from_numpy(clip_features(audio))) into pt for each (audio, pt) pair, in
+  a process with the converter workers' one BLAS thread: a threaded BLAS rounds the mel
+  filters' product differently (1 ulp), and the .pt files are to hold the same bits."""
+  script = ('import json, sys, torch\nfrom ssast_jax.features import clip_features\n'
+            'for audio, pt in json.loads(sys.argv[1]):\n'
+            '  torch.save(torch.from_numpy(clip_features(audio)), pt)\n')
+  subprocess.run([sys.executable, '-c', script, json.dumps(pairs)], check=True, cwd=ROOT,
+                 env={**os.environ, **shard_writer.WORKER_ENV, 'PYTHONPATH': str(ROOT)})
+
+
+def _audio_dataset(root):
+  """Audio clips in wav and flac, mono and stereo, 8 and 16 kHz, named relative to
+  `root/audio` (one absolute), a bad file of every kind, and the `.pt` files of the good
+  clips' features as the original saves them. The JSON is written in `root/audio`.
+
+  Returns (json path, audio root, pt dir, JSON order of wav ids, {bad wav id: reason}).
+  """
+  rng = np.random.default_rng(1)
+  audio_root, pt_dir = root / 'audio', root / 'pt'
+  (audio_root / 'sub').mkdir(parents=True)
+  pt_dir.mkdir()
+  entries, bad, pt_files = [], {}, []
+
+  def tone(seconds, rate, channels):
+    t = np.arange(int(seconds * rate)) / rate
+    signal = 0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * rng.standard_normal(t.size)
+    return np.stack([signal * (c + 1) / channels for c in range(channels)], 1)
+
+  good = [('sub/mono.wav', 0.5, 16000, 1), ('sub/stereo.wav', 0.42, 16000, 2),
+          ('sub/flacmono.flac', 0.37, 16000, 1), ('stereo8k.flac', 0.61, 8000, 2),
+          ('sub/absolute.wav', 0.3, 16000, 1)]
+  for name, seconds, rate, channels in good:
+    soundfile.write(audio_root / name, tone(seconds, rate, channels), rate, subtype='PCM_16')
+    wav = str(audio_root / name) if name.startswith('sub/absolute') else name
+    entries.append({'wav': wav, 'labels': f'/m/{len(entries)}'})
+    pt_files.append((str(audio_root / name),
+                     str(pt_dir / f'{os.path.splitext(os.path.basename(name))[0]}.pt')))
+  _save_pt_features(pt_files)
+  nan = tone(0.3, 16000, 1)
+  nan[100] = np.nan
+  soundfile.write(audio_root / 'nan.wav', nan, 16000, subtype='FLOAT')
+  soundfile.write(audio_root / 'short.wav', tone(0.01, 16000, 1), 16000, subtype='PCM_16')
+  soundfile.write(audio_root / 'slow.wav', tone(5, 50, 1), 50, subtype='PCM_16')
+  (audio_root / 'sub' / 'garbage.flac').write_bytes(b'not audio' * 50)
+  for wav, reason in (('gone.wav', 'missing'), ('sub/garbage.flac', 'unreadable'),
+                      ('short.wav', 'empty'), ('nan.wav', 'non_finite'),
+                      ('slow.wav', 'bad_rate')):
+    entries.insert(2 * len(bad) + 1, {'wav': wav, 'labels': ''})
+    bad[wav] = reason
+  json_path = audio_root / 'data.json'
+  json_path.write_text(json.dumps({'data': entries}))
+  return json_path, audio_root, pt_dir, [e['wav'] for e in entries], bad
+
+
+@pytest.fixture(scope='module')
+def audio_dataset(tmp_path_factory):
+  return _audio_dataset(tmp_path_factory.mktemp('audio'))
+
+
+def _shard_files(out):
+  return {p.name: p.read_bytes() for p in out.iterdir() if p.name.endswith('.npy')}
+
+
+def _clip_fields(out):
+  return [json.loads(p.read_text())['clips'] for p in sorted(out.glob('*.clips.json'))]
+
+
+def test_audio_and_pt_of_the_same_features_give_equal_shards(audio_dataset, tmp_path):
+  json_path, audio_root, pt_dir, order, bad = audio_dataset
+  from_audio = convert_lib.convert(json_path, out_dir=tmp_path / 'a', audio=True,
+                                   audio_root=audio_root, workers=2, clips_per_shard=3,
+                                   verbose=False)
+  from_pt = convert_lib.convert(json_path, pt_dir, tmp_path / 'p', workers=1,
+                                clips_per_shard=3, verbose=False)
+  convert_lib.convert(json_path, out_dir=tmp_path / 'a1', audio=True, audio_root=audio_root,
+                      workers=1, clips_per_shard=3, verbose=False)
+  # Frames files and index bit-equal, so their recorded digests are too; and the same with
+  # any number of workers.
+  assert _shard_files(tmp_path / 'a') == _shard_files(tmp_path / 'p')
+  assert _shard_files(tmp_path / 'a') == _shard_files(tmp_path / 'a1')
+  assert len(_shard_files(tmp_path / 'a')) == 1 + 4
+  assert _clip_fields(tmp_path / 'a') == _clip_fields(tmp_path / 'p')
+  assert from_audio['index_sha256'] == from_pt['index_sha256']
+  assert ([r['frames_sha256'] for r in from_audio['shards']]
+          == [r['frames_sha256'] for r in from_pt['shards']])
+  ds = ShardedFeatures(tmp_path / 'a')
+  kept = [w for w in order if w not in bad]
+  assert [ds.wav(i) for i in range(len(ds))] == kept and ds.num_mel_bins == 128
+  np.testing.assert_allclose(ds[1].astype(np.float32), clip_features(audio_root / kept[1]),
+                             atol=1e-2)  # float16
+  assert from_audio['skipped'] == [{'wav': w, 'reason': bad[w]} for w in order if w in bad]
+  assert [item['wav'] for item in from_pt['skipped']] == [w for w in order if w in bad]
+  assert from_audio['counts'] == {'entries': 10, 'converted': 5, 'skipped': 5, 'missing': 1,
+                                  'unreadable': 1, 'empty': 1, 'non_finite': 1, 'bad_rate': 1}
+  assert from_audio['source']['kind'] == 'audio' and from_pt['source']['kind'] == 'pt'
+  assert from_audio['source']['audio_root'] == str(audio_root.resolve())
+
+
+def test_audio_paths_default_to_the_json_folder_and_kinds_never_mix(audio_dataset, tmp_path,
+                                                                     capsys):
+  json_path, audio_root, pt_dir, _, _ = audio_dataset
+  out = tmp_path / 'out'
+  convert_lib.convert(json_path, None, out, audio=True, audio_root=audio_root, workers=1)
+  capsys.readouterr()
+  # Without --audio-root relative paths start from the JSON's folder, here the same root.
+  convert_lib.convert(json_path, None, out, audio=True, workers=1)
+  assert 'is up to date' in capsys.readouterr().out
+  with pytest.raises(convert_lib.ConversionError,
+                     match=r'\(audio_root, pt_dir, source_kind differ\); pass --overwrite'):
+    convert_lib.convert(json_path, pt_dir, out, workers=1)
+  # Shards left by an audio conversion are never reused for a .pt one, nor the reverse.
+  (out / 'manifest.json').unlink()
+  convert_lib.convert(json_path, pt_dir, out, workers=1)
+  assert '0 shards reused from an earlier run' in capsys.readouterr().out
+  elsewhere = tmp_path / 'elsewhere.json'
+  elsewhere.write_text(json_path.read_text())
+  manifest = convert_lib.convert(elsewhere, None, tmp_path / 'other', audio=True,
+                                 verbose=False)
+  assert manifest['num_clips'] == 1  # only the absolute path is found from another folder
+  assert manifest['counts']['missing'] == 9
+
+
+def test_audio_cli_summary_and_source_options(audio_dataset, tmp_path, capsys):
+  json_path, audio_root, pt_dir, _, _ = audio_dataset
+  base = ['--json', str(json_path), '--out', str(tmp_path / 'out'), '--workers', '1']
+  convert_lib.main(base + ['--audio', '--audio-root', str(audio_root)])
+  out = capsys.readouterr()
+  assert 'converted 5 of 10 clips into 1 shards' in out.out
+  assert 'skipped 5: 1 missing, 1 unreadable, 1 empty, 1 non_finite, 1 bad_rate' in out.out
+  assert '  e.g. bad_rate: ' in out.out and 'convert: 100%' in out.err
+  one_of = r'^error: give exactly one of --pt-dir D .* and --audio \(.*\)$'
+  for argv, message in ((['--audio', '--pt-dir', str(pt_dir)], one_of), ([], one_of),
+                        (['--audio-root', str(audio_root), '--pt-dir', str(pt_dir)],
+                         r'^error: --audio-root is only for --audio$'),
+                        (['--audio', '--audio-root', str(tmp_path / 'nope')],
+                         r'^error: --audio-root .*nope is not a directory$')):
+    with pytest.raises(SystemExit, match=message):
+      convert_lib.main(base + argv)
+  with pytest.raises(SystemExit, match=r'^error: --json and --out are required'):
+    convert_lib.main(['--audio'])

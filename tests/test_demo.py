@@ -30,6 +30,8 @@ def test_demo_learns_checkpoints_and_exports(tmp_path):
   assert evals[0]['step'] == 0 and evals[-1]['step'] == 616
   assert evals[-1]['eval/mpc_acc'] >= 5 * evals[0]['eval/mpc_acc'], evals
   assert evals[-1]['eval/mpg_loss'] < evals[0]['eval/mpg_loss']
+  events = [p.read_bytes() for p in (workdir / 'tensorboard').rglob('*') if p.is_file()]
+  assert any(b'val/clip' in e for e in events)  # the clip figure of each validation
 
   out = tmp_path / 'demo.pth'
   subprocess.run([sys.executable, '-m', 'ssast_jax.export', '--workdir', str(workdir),

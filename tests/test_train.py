@@ -7,10 +7,8 @@ and process groups can differ between runs.
 import json
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
-import time
 
 import jax
 import ml_collections
@@ -20,9 +18,10 @@ import pytest
 import ssast_jax
 from ssast_jax.config.settings import resolve
 from ssast_jax.data.demo import write_demo_dataset
-from ssast_jax.training import checkpoints
+from ssast_jax.training import checkpoints, faults
 from ssast_jax.training.state import init_state
-from runs import ROOT, env, metric_rows, run_main, tiny_run_flags, train_losses
+from runs import (ROOT, env, metric_rows, run_main, start_processes, tiny_run_flags,
+                  train_losses, wait_for_steps)
 
 @pytest.fixture(scope='module')
 def dataset(tmp_path_factory):
@@ -88,7 +87,7 @@ def test_sigkill_and_resume_is_bit_identical(dataset, reference_run, tmp_path):
   args = tiny_run_flags(dataset, workdir)
   process = subprocess.Popen([sys.executable, str(ROOT / 'main.py')] + args, env=env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  _wait_for_steps(workdir, 4)
+  wait_for_steps(workdir, 4)
   process.send_signal(signal.SIGKILL)
   process.wait()
   assert len(train_losses(workdir)) < 18, 'the run finished before it could be killed'
@@ -141,19 +140,9 @@ def _assert_params_close(got, expected):
     assert np.linalg.norm(a - b) <= 1e-2 * np.linalg.norm(b) + 1e-3, jax.tree_util.keystr(path)
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_match_one(dataset, reference_run, tmp_path):
   workdir = tmp_path / 'two'
-  port = _free_port()
-  processes = [subprocess.Popen(
-      [sys.executable, str(ROOT / 'main.py')] + tiny_run_flags(dataset, workdir) + [
-          f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}'],
-      env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  processes = start_processes(tiny_run_flags(dataset, workdir))
   outputs = [p.communicate(timeout=600) for p in processes]
   for p, (_, err) in zip(processes, outputs):
     assert p.returncode == 0, err[-4000:]
@@ -187,27 +176,17 @@ def _start(args):
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for_steps(workdir, count):
-  deadline = time.time() + 300
-  while time.time() < deadline:
-    try:
-      if len(train_losses(workdir)) >= count:
-        return
-    except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or a torn line
-      pass
-    time.sleep(0.005)
-  raise AssertionError(f'{workdir}: fewer than {count} steps logged in 300 s')
-
-
 def test_sigterm_saves_and_exits_then_resumes_identically(dataset, reference_run, tmp_path):
   workdir = tmp_path / 'terminated'
   args = tiny_run_flags(dataset, workdir)
   process = _start(args)
-  _wait_for_steps(workdir, 4)
+  wait_for_steps(workdir, 4)
   process.send_signal(signal.SIGTERM)
-  out, err = process.communicate(timeout=300)
-  assert process.returncode == 0, err[-3000:]
-  saved = int(out.split('SIGTERM: saved the checkpoint at step ')[1].split(';')[0])
+  _, err = process.communicate(timeout=300)
+  assert process.returncode == faults.EXIT_PREEMPTED, err[-3000:]
+  last_line = err.strip().splitlines()[-1]
+  assert last_line.startswith('preempted (SIGTERM): every process saved the checkpoint at step ')
+  saved = int(last_line.split('at step ')[1].split(';')[0])
   assert saved < 18 and (workdir / 'checkpoints' / str(saved)).is_dir()
   run_main(args)
   assert metric_rows(workdir) == metric_rows(reference_run)
@@ -225,3 +204,23 @@ def test_damaged_latest_checkpoint_is_skipped(dataset, reference_run, tmp_path):
   result = run_main(tiny_run_flags(dataset, workdir))
   assert 'checkpoint at step 10 is incomplete or damaged' in result.stderr
   assert metric_rows(workdir) == metric_rows(reference_run)
+
+
+def test_audio_inputs_are_converted_and_trained_on(tmp_path):
+  import soundfile  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  for split, count in (('train', 24), ('val', 8)):
+    entries = []
+    for i in range(count):
+      name = f'{split}{i}.wav' if i % 2 else f'{split}{i}.flac'
+      soundfile.write(tmp_path / name, 0.1 * rng.standard_normal(int(16000 * 0.7)), 16000)
+      entries.append({'wav': name, 'labels': '/m/x'})
+    (tmp_path / f'{split}.json').write_text(json.dumps({'data': entries}))
+  workdir = tmp_path / 'run'
+  dataset = {'train_json': tmp_path / 'train.json', 'train_pt_dir': '',
+             'val_json': tmp_path / 'val.json', 'val_pt_dir': ''}
+  run_main(tiny_run_flags(dataset, workdir, max_steps=2, **{'data.train_audio': True,
+                                                            'data.audio_root': str(tmp_path)}))
+  manifest = json.loads((tmp_path / 'shards' / 'train' / 'manifest.json').read_text())
+  assert manifest['num_clips'] == 24 and manifest['num_mel_bins'] == 64
+  assert sorted(train_losses(workdir)) == [1, 2]

@@ -22,6 +22,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.val_json = ''
   config.data.val_pt_dir = ''
   config.data.label_csv = ''  # accepted for run.py parity; pretraining uses no labels
+  # True: the JSON `wav` fields are audio files (wav, flac), their fbank computed as the
+  # original's dataloader does, instead of reading .pt folders; relative paths are taken
+  # from data.audio_root (or each JSON's folder when empty).
+  config.data.train_audio = False
+  config.data.audio_root = ''
   # ... or shards converted earlier: SHARDS_DIR/train and SHARDS_DIR/val.
   config.data.shards_dir = ''
   config.data.shard_dtype = 'float16'
@@ -60,8 +65,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.max_steps = config_dict.placeholder(int)
 
   config.checkpoint_every_steps = 1000
+  # Also save when this long has passed since the last checkpoint, so that a fault loses at
+  # most this much work (docs/training.md, "Faults").
+  config.checkpoint_every_minutes = 30.0
   config.keep_checkpoints = 3
   config.print_every_steps = 50
+  # At each validation, draw one validation clip's mask, reconstruction and MPC hits to
+  # TensorBoard (`val/clip`; single-process runs).
+  config.eval_picture = True
   config.seed = 0
   config.nan_policy = 'stop'
 

@@ -43,6 +43,8 @@ class DataSettings:
   val_json: str
   val_pt_dir: str
   label_csv: str
+  train_audio: bool
+  audio_root: str
   shards_dir: str
   shard_dtype: str
   mean: float | None  # None: from the training shards' manifest
@@ -89,8 +91,10 @@ class RunSettings:
   seed: int
   fsdp: int
   checkpoint_every_steps: int
+  checkpoint_every_minutes: float
   keep_checkpoints: int
   print_every_steps: int
+  eval_picture: bool
   nan_policy: str
   profile_steps: tuple[int, int] | None
 
@@ -148,6 +152,22 @@ def resolve(config, check_data: bool = True, allow_unknown: bool = False) -> Set
   data = _data_settings(config, check_data)
   return Settings(model, data, objective, optim, run,
                   config.to_json_best_effort(sort_keys=True))
+
+
+def resolve_saved(saved: dict) -> Settings:
+  """The settings of a run from its saved `config.json` (as a dict), without data checks.
+
+  Keys added to the defaults since the run was saved take their default; keys the defaults
+  no longer have are ignored.
+  """
+  config = defaults.get_config()
+  for key in set(_flat_keys(config)) & set(_flat_keys(saved)):
+    *parents, name = key.split('.')
+    node, value = config, saved
+    for parent in parents:
+      node, value = node[parent], value[parent]
+    node[name] = value[name]
+  return resolve(config, check_data=False)
 
 
 def check_devices(settings: Settings, device_count: int) -> None:
@@ -264,8 +284,11 @@ def _run_settings(config) -> RunSettings:
   return RunSettings(
       seed=_int('seed', config.seed, 0), fsdp=_int('fsdp', config.fsdp, 1),
       checkpoint_every_steps=_int('checkpoint_every_steps', config.checkpoint_every_steps, 1),
+      checkpoint_every_minutes=_positive('checkpoint_every_minutes',
+                                         config.checkpoint_every_minutes),
       keep_checkpoints=_int('keep_checkpoints', config.keep_checkpoints, 1),
       print_every_steps=_int('print_every_steps', config.print_every_steps, 1),
+      eval_picture=_bool('eval_picture', config.eval_picture),
       nan_policy=_choice('nan_policy', config.nan_policy, NAN_POLICIES),
       profile_steps=_profile_range(config.profile_steps))
 
@@ -310,7 +333,8 @@ def _data_settings(config, check_paths: bool) -> DataSettings:
   settings = DataSettings(
       demo=_bool('data.demo', data.demo), train_json=data.train_json,
       train_pt_dir=data.train_pt_dir, val_json=data.val_json, val_pt_dir=data.val_pt_dir,
-      label_csv=data.label_csv, shards_dir=data.shards_dir,
+      label_csv=data.label_csv, train_audio=_bool('data.train_audio', data.train_audio),
+      audio_root=data.audio_root, shards_dir=data.shards_dir,
       shard_dtype=_choice('data.shard_dtype', data.shard_dtype, STORED_DTYPES),
       mean=None if data.mean is None else float(data.mean),
       std=_positive('data.std', data.std, optional=True),
@@ -323,6 +347,9 @@ def _data_settings(config, check_paths: bool) -> DataSettings:
 
 
 def _check_data_paths(data: DataSettings) -> None:
+  if data.audio_root:
+    _require(os.path.isdir(data.audio_root), f'data.audio_root: not a directory: '
+             f'{data.audio_root}')
   if data.label_csv:
     _require(os.path.isfile(data.label_csv),
              f'data.label_csv: file not found: {data.label_csv}')
@@ -340,6 +367,11 @@ def _check_data_paths(data: DataSettings) -> None:
     json_key, pt_key = f'data.{split}_json', f'data.{split}_pt_dir'
     _require(bool(json_path),
              f'{json_key} is empty: give the {name} JSON and {pt_key} (or data.shards_dir)')
-    _require(bool(pt_dir), f'{pt_key} is empty: give the folder of {name} .pt files')
-    _require(os.path.isdir(pt_dir), f'{pt_key}: not a directory: {pt_dir}')
     _check_manifest_json(json_key, json_path)
+    if data.train_audio:
+      _require(not pt_dir, f'{pt_key} is set with data.train_audio=True: the audio paths are '
+               f"the JSON's wav fields; leave {pt_key} empty")
+      continue
+    _require(bool(pt_dir), f'{pt_key} is empty: give the folder of {name} .pt files '
+             f'(or data.train_audio=True when the wav fields are audio files)')
+    _require(os.path.isdir(pt_dir), f'{pt_key}: not a directory: {pt_dir}')

@@ -1,14 +1,16 @@
-"""Data: `.pt` -> numpy shard conversion, the shard reader and the Grain input pipelines.
+"""Data: `.pt` or audio -> numpy shard conversion, the shard reader and integrity check, and
+the Grain input pipelines.
 
 The pipeline names are resolved on first use so that the converter and its worker processes
 start without importing Grain (about a second per process).
 """
 
-from ssast_jax.data.shards import ManifestError, ShardedFeatures, read_manifest
+from ssast_jax.data.shards import ManifestError, ShardedFeatures, check_shards, read_manifest
 
 _PIPELINE_NAMES = ("train_loader", "eval_loader", "steps_per_epoch", "num_eval_batches")
 
-__all__ = ["ManifestError", "ShardedFeatures", "read_manifest", *_PIPELINE_NAMES]
+__all__ = ["ManifestError", "ShardedFeatures", "check_shards", "read_manifest",
+           *_PIPELINE_NAMES]
 
 
 def __getattr__(name):

@@ -99,12 +99,23 @@ class BatchAssembler:
     return batch
 
 
+def _with_targets(batch: dict, targets, clips: np.ndarray) -> dict:
+  """`batch` plus "labels", the rows `clips` of the per-clip `targets`, when given."""
+  if targets is not None:
+    batch["labels"] = targets[clips]
+  return batch
+
+
 class _TrainBatch:
   """Maps a global batch number to this process's rows of that training batch."""
 
   def __init__(self, assembler: BatchAssembler, *, global_batch: int, local_batch: int,
-               process_index: int, seed: int, random_crop: bool):
+               process_index: int, seed: int, random_crop: bool, targets=None,
+               sample_weights=None):
     self.assembler = assembler
+    self.targets = targets
+    self.probabilities = (None if sample_weights is None
+                          else np.asarray(sample_weights, np.float64) / np.sum(sample_weights))
     self.global_batch = global_batch
     self.local_batch = local_batch
     self.process_index = process_index
@@ -117,7 +128,11 @@ class _TrainBatch:
   def _permutation(self, epoch: int) -> np.ndarray:
     cached_epoch, order = self._order
     if cached_epoch != epoch:
-      order = np.random.default_rng([self.seed, 0, epoch]).permutation(self.num_clips)
+      rng = np.random.default_rng([self.seed, 0, epoch])
+      if self.probabilities is None:
+        order = rng.permutation(self.num_clips)
+      else:  # torch's WeightedRandomSampler(weights, num_clips, replacement=True)
+        order = rng.choice(self.num_clips, self.num_clips, replace=True, p=self.probabilities)
       self._order = (epoch, order)
     return order
 
@@ -137,15 +152,17 @@ class _TrainBatch:
     lengths = np.asarray(self.assembler.features.lengths[clips])
     counts = np.minimum(lengths, self.assembler.target_length)
     starts = self._crop_starts(epoch, clips, lengths)
-    return {"fbank": self.assembler(clips, starts, counts)}
+    return _with_targets({"fbank": self.assembler(clips, starts, counts)}, self.targets,
+                         clips)
 
 
 class _EvalBatch:
   """Maps a batch number to this process's rows of that evaluation batch (padded at the end)."""
 
   def __init__(self, assembler: BatchAssembler, *, global_batch: int, local_batch: int,
-               process_index: int):
+               process_index: int, targets=None):
     self.assembler = assembler
+    self.targets = targets
     self.global_batch = global_batch
     self.local_batch = local_batch
     self.process_index = process_index
@@ -158,7 +175,8 @@ class _EvalBatch:
     clips = np.where(valid, positions, 0)
     counts = np.where(valid, np.minimum(np.asarray(features.lengths[clips]),
                                         self.assembler.target_length), 0)
-    return {"fbank": self.assembler(clips, np.zeros_like(clips), counts), "valid": valid}
+    batch = {"fbank": self.assembler(clips, np.zeros_like(clips), counts), "valid": valid}
+    return _with_targets(batch, self.targets, clips)
 
 
 class _CheckedStateIterDataset(grain.IterDataset):
@@ -216,7 +234,9 @@ def _iterate(batches: grain.MapDataset, settings: dict, worker_count: int, num_t
 def train_loader(shards_dir, *, batch_size: int, target_length: int, mean: float, std: float,
                  seed: int, num_epochs: int | None = None, process_index: int = 0,
                  process_count: int = 1, worker_count: int = 0, random_crop: bool = False,
-                 prefetch_buffer_size: int = 4, num_threads: int = 1) -> grain.DatasetIterator:
+                 prefetch_buffer_size: int = 4, num_threads: int = 1,
+                 targets: np.ndarray | None = None,
+                 sample_weights: np.ndarray | None = None) -> grain.DatasetIterator:
   """Iterator over training batches {"fbank": float32 (batch_size // process_count, T, F)}.
 
   Each epoch is a fresh permutation of all clips from `seed`; global batch k of an epoch is
@@ -226,7 +246,11 @@ def train_loader(shards_dir, *, batch_size: int, target_length: int, mean: float
   the GIL, so more threads only contend), in `worker_count` processes if that is > 0 (each
   batch then crosses to this process through shared memory). `get_state()`/`set_state()`
   save and restore the position exactly; a state only restores into a loader with the same
-  batch size, seed, process layout and worker count.
+  batch size, seed, process layout and worker count. With `targets` (one row per clip,
+  e.g. fine-tuning's multi-hot labels) each batch also holds "labels", its clips' rows.
+  With `sample_weights` (one non-negative weight per clip) an epoch is instead as many
+  clips drawn with replacement with probabilities proportional to the weights (balanced
+  sampling).
   """
   local_batch = _local_batch_size(batch_size, process_index, process_count)
   features = shards_lib.ShardedFeatures(shards_dir)
@@ -235,7 +259,8 @@ def train_loader(shards_dir, *, batch_size: int, target_length: int, mean: float
                      f"{batch_size}")
   make_batch = _TrainBatch(BatchAssembler(features, target_length, mean, std),
                            global_batch=batch_size, local_batch=local_batch,
-                           process_index=process_index, seed=seed, random_crop=random_crop)
+                           process_index=process_index, seed=seed, random_crop=random_crop,
+                           targets=targets, sample_weights=sample_weights)
   if num_epochs is None:
     num_batches = sys.maxsize
   else:
@@ -249,19 +274,21 @@ def train_loader(shards_dir, *, batch_size: int, target_length: int, mean: float
 
 def eval_loader(shards_dir, *, batch_size: int, target_length: int, mean: float, std: float,
                 process_index: int = 0, process_count: int = 1, worker_count: int = 0,
-                prefetch_buffer_size: int = 4, num_threads: int = 1) -> grain.DatasetIterator:
+                prefetch_buffer_size: int = 4, num_threads: int = 1,
+                targets: np.ndarray | None = None) -> grain.DatasetIterator:
   """Iterator over the whole set once, in order: {"fbank": float32 (B_local, T, F),
   "valid": bool (B_local,)} with B_local = batch_size // process_count.
 
   Global batch k holds clips k * batch_size ... (k + 1) * batch_size - 1; rows past the last
   clip are padding with valid=False. Every process yields `num_eval_batches` batches, and
-  every clip is in exactly one valid row across all processes.
+  every clip is in exactly one valid row across all processes. With `targets` batches
+  also hold "labels" (padding rows repeat clip 0's), as in `train_loader`.
   """
   local_batch = _local_batch_size(batch_size, process_index, process_count)
   features = shards_lib.ShardedFeatures(shards_dir)
   make_batch = _EvalBatch(BatchAssembler(features, target_length, mean, std),
                           global_batch=batch_size, local_batch=local_batch,
-                          process_index=process_index)
+                          process_index=process_index, targets=targets)
   settings = {"kind": "eval", "num_clips": len(features), "batch_size": batch_size,
               "process_index": process_index, "process_count": process_count,
               "worker_count": worker_count}

@@ -1,4 +1,4 @@
-"""The on-disk shard format and `ShardedFeatures`, its random-access reader.
+"""The on-disk shard format, `ShardedFeatures` (its random-access reader) and `check_shards`.
 
 A converted dataset is a directory holding
   manifest.json                 what is stored (see `ssast_jax.data.convert`), written last;
@@ -6,14 +6,20 @@ A converted dataset is a directory holding
   shard-NNNNN.frames.npy        the frames of many clips concatenated, (total_frames, F);
   shard-NNNNN.clips.json        the shard's clip `wav` ids, labels and lengths.
 Clips are read with positioned reads into fresh arrays rather than through memory maps, so
-the reading process's RSS stays flat however much of the dataset it touches.
+the reading process's RSS stays flat however much of the dataset it touches. The manifest
+records each file's size and sha256, which `check_shards` checks before training starts, so
+that a truncated or damaged file is found then rather than when first read, hours later.
 """
 
 import collections
+import hashlib
 import json
+import math
 import os
+import shlex
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -70,6 +76,111 @@ def read_manifest(shards_dir) -> dict:
     raise ManifestError(f"{path} has dtype {manifest['dtype']!r}, expected one of "
                         f"{STORED_DTYPES}")
   return manifest
+
+
+class _StoredFile(NamedTuple):
+  """A file of a converted directory and what the manifest says about it (None: not
+  recorded; manifests written before content hashes record no size or hash)."""
+  name: str
+  size: int | None
+  sha256: str | None
+  npy_shape: tuple[int, int] | None  # for .npy files, to size them from their header
+  npy_dtype: np.dtype | None
+
+
+def _stored_files(manifest: dict) -> list[_StoredFile]:
+  files = [_StoredFile(manifest["index_file"], manifest.get("index_bytes"),
+                       manifest.get("index_sha256"), (manifest["num_clips"], 3),
+                       np.dtype(np.int64))]
+  for row in manifest["shards"]:
+    files.append(_StoredFile(row["frames"], row.get("frames_bytes"), row.get("frames_sha256"),
+                             (row["num_frames"], manifest["num_mel_bins"]),
+                             np.dtype(manifest["dtype"])))
+    files.append(_StoredFile(row["clips"], row.get("clips_bytes"), row.get("clips_sha256"),
+                             None, None))
+  return files
+
+
+def _size_problem(path: Path, file: _StoredFile) -> str | None:
+  """What is wrong with the size of `path` (stat only, or its .npy header when the manifest
+  records no size), or None."""
+  try:
+    actual = os.stat(path).st_size
+  except FileNotFoundError:
+    return "missing"
+  except OSError as e:
+    return f"not readable: {e.strerror}"
+  expected = file.size
+  if expected is None:
+    if file.npy_shape is None:
+      return None
+    try:
+      shape, dtype, data_offset = read_npy_header(path)
+    except (OSError, ValueError) as e:
+      return f"not a readable .npy file: {e}"
+    if shape != file.npy_shape or dtype != file.npy_dtype:
+      return f"holds {dtype} {shape}, the manifest says {file.npy_dtype} {file.npy_shape}"
+    expected = data_offset + math.prod(shape) * dtype.itemsize
+  if actual < expected:
+    return f"truncated: {actual} of {expected} bytes"
+  if actual > expected:
+    return f"{actual} bytes, expected {expected}"
+  return None
+
+
+def _content_problem(path: Path, file: _StoredFile) -> str | None:
+  if file.sha256 is None:
+    return None
+  try:
+    with open(path, "rb") as f:
+      digest = hashlib.file_digest(f, "sha256").hexdigest()
+  except OSError as e:
+    return f"not readable: {e.strerror}"
+  return "content hash mismatch" if digest != file.sha256 else None
+
+
+def rebuild_command(manifest: dict, shards_dir) -> str:
+  """The converter command that rebuilds `shards_dir` from the source and options its
+  manifest records."""
+  source, request = manifest.get("source") or {}, manifest.get("request") or {}
+  words = ["python", "-m", "ssast_jax.data.convert", "--json", source.get("json") or "JSON"]
+  if source.get("kind") == "audio":  # manifests before audio input record no kind: .pt
+    words += ["--audio", "--audio-root", source.get("audio_root") or "AUDIO_ROOT"]
+  else:
+    words += ["--pt-dir", source.get("pt_dir") or "PT_DIR"]
+  words += ["--out", str(Path(shards_dir).absolute()), "--dtype", manifest["dtype"]]
+  for flag, value in (("--num-mel-bins", request.get("num_mel_bins")),
+                      ("--clips-per-shard", request.get("clips_per_shard")),
+                      ("--label-csv", source.get("label_csv"))):
+    if value is not None:
+      words += [flag, str(value)]
+  return shlex.join(words + ["--overwrite"])
+
+
+def check_shards(shards_dir, verify_content: bool = False) -> None:
+  """Checks that every file of a converted directory is there, whole and, with
+  `verify_content`, holds what was written, so that a damaged dataset is refused before
+  training starts rather than when a batch first reads the bad file.
+
+  By default only sizes are checked (one stat per file, against the sizes the manifest
+  records, or for manifests without them the sizes the .npy headers imply). `verify_content`
+  also reads every file and compares its sha256 with the manifest's. Raises ManifestError
+  with one line naming the first bad file, what is wrong, and the command that rebuilds it.
+  """
+  shards_dir = Path(shards_dir)
+  manifest = read_manifest(shards_dir)
+  try:
+    files = _stored_files(manifest)
+  except (KeyError, TypeError, ValueError) as e:
+    raise ManifestError(f"{shards_dir / MANIFEST_NAME} has a malformed file entry: "
+                        f"{type(e).__name__}: {e}") from None
+  checks = [_size_problem] + ([_content_problem] if verify_content else [])
+  for check in checks:  # every size first: a truncated file is named before any hashing
+    for file in files:
+      problem = check(shards_dir / file.name, file)
+      if problem:
+        raise ManifestError(f"{shards_dir / file.name}: {problem}; rebuild with: "
+                            f"{rebuild_command(manifest, shards_dir)}")
 
 
 class ShardedFeatures:

@@ -205,10 +205,14 @@ def state_dict_arrays(params, config: ModelConfig, extras=None) -> 'collections.
 
 def write_checkpoint(params, config: ModelConfig, path, extras=None) -> None:
   """Writes the original layout with torch.save; the file appears only when complete."""
+  save_state_dict(state_dict_arrays(params, config, extras), path)
+
+
+def save_state_dict(arrays: dict, path) -> None:
+  """`torch.save` of the arrays as tensors, in their order, to a temporary file renamed to
+  `path` once written (a crash never leaves a partial file under that name)."""
   import torch  # only here: writing a PyTorch file
-  state = collections.OrderedDict(
-      (k, torch.from_numpy(np.array(v))) for k, v in
-      state_dict_arrays(params, config, extras).items())
+  state = collections.OrderedDict((k, torch.from_numpy(np.array(v))) for k, v in arrays.items())
   path = os.fspath(path)
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)

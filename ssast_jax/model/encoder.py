@@ -233,14 +233,7 @@ class SSAST(nnx.Module):
 
   def encode(self, x, mask=None):
     """Final-norm token outputs `(B, N + 2, D)`; `mask` `(B, M)` patch indices or None."""
-    h = self.embed(x, mask)
-    if self.config.remat:
-      h = rematerialized_blocks(list(self.blocks), h,
-                                getattr(jax.checkpoint_policies, self.config.remat_policy))
-    else:
-      for block in self.blocks:
-        h = block(h)
-    return self.norm(h)
+    return run_encoder(self.blocks, self.norm, self.embed(x, mask), self.config)
 
   def embed(self, x, mask):
     """Block input: patch embeddings, masked ones replaced, after the two leading
@@ -252,9 +245,27 @@ class SSAST(nnx.Module):
       is_masked = jnp.zeros((batch, num_patches), bool).at[
           jnp.arange(batch)[:, None], mask].set(True)
       tokens = jnp.where(is_masked[..., None], self.mask_embed[...].astype(dtype), tokens)
-    lead = jnp.concatenate([self.cls_token[...], self.dist_token[...]], axis=1).astype(dtype)
-    lead = jnp.broadcast_to(lead, (tokens.shape[0],) + lead.shape[1:])
-    return jnp.concatenate([lead, tokens], axis=1) + self.pos_embed[...].astype(dtype)
+    return with_leading_tokens(tokens, self.cls_token, self.dist_token, self.pos_embed, dtype)
+
+
+def with_leading_tokens(tokens, cls_token, dist_token, pos_embed, dtype) -> jax.Array:
+  """The blocks' input: `[cls, dist, tokens]` plus the positional embedding, for patch
+  embeddings `tokens` `(B, N, D)`; shared by the pretraining model and the classifier."""
+  lead = jnp.concatenate([cls_token[...], dist_token[...]], axis=1).astype(dtype)
+  lead = jnp.broadcast_to(lead, (tokens.shape[0],) + lead.shape[1:])
+  return jnp.concatenate([lead, tokens], axis=1) + pos_embed[...].astype(dtype)
+
+
+def run_encoder(blocks, norm, h: jax.Array, config: ModelConfig) -> jax.Array:
+  """Final-norm outputs of the encoder `blocks` on embedded tokens `h` `(B, N + 2, D)`,
+  rematerialised as `config` says; shared by the pretraining model and the classifier."""
+  if config.remat:
+    h = rematerialized_blocks(list(blocks), h,
+                              getattr(jax.checkpoint_policies, config.remat_policy))
+  else:
+    for block in blocks:
+      h = block(h)
+  return norm(h)
 
 
 def rematerialized_blocks(blocks: list[Block], h: jax.Array, policy) -> jax.Array:

@@ -1,9 +1,14 @@
 """Training checkpoints under WORKDIR/checkpoints with orbax.
 
-A checkpoint holds two items: `state` (parameters, optimiser state, step, learning rate,
-the flag of the first non-finite step; arrays) and `meta` (JSON: plateau scheduler state,
-data-iterator state, best validation value). Saves are asynchronous. Retention keeps the
-last `keep` checkpoints plus the best one by validation metric.
+A checkpoint holds three items: `state` (parameters, optimiser state, step, learning rate,
+the flag of the first non-finite step; arrays), `meta` (JSON: plateau scheduler state) and
+`data` (every process's data-iterator position, one `process_I-of-N.json` each, written by
+Grain's orbax handler). Saves are asynchronous and become visible only once complete (orbax
+writes to a temporary folder and renames it). The loop saves every `checkpoint_every_steps`
+steps, at every validation, at JAX's preemption sync point after a SIGTERM to any process
+(`mngr.reached_preemption`), and once `every_minutes` have passed (orbax's continuous
+checkpointing policy). Retention keeps the last `keep` checkpoints plus the best one by
+validation metric.
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 
+import grain
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
@@ -22,11 +29,45 @@ RESUMABLE_CHANGES = frozenset({
     'max_steps', 'num_epochs', 'checkpoint_every_steps', 'keep_checkpoints',
     'print_every_steps', 'profile_steps', 'data.train_json', 'data.train_pt_dir',
     'data.val_json', 'data.val_pt_dir', 'data.label_csv', 'data.shards_dir', 'fsdp',
-    'remat', 'remat_policy', 'grad_accum_steps'})
+    'data.audio_root',
+    'remat', 'remat_policy', 'grad_accum_steps', 'checkpoint_every_minutes', 'eval_picture'})
+_DATA_FILE = re.compile(r'process_(\d+)-of-(\d+)\.json')
+
+
+class DataPosition:
+  """A data iterator's state at one step, in the form Grain's orbax handler saves and
+  restores (it calls `get_state`/`set_state` with JSON bytes, then `start_prefetch`).
+
+  The loader runs ahead of training (prefetch), so the state saved is the one recorded after
+  the last batch trained on, not the loader's live position.
+  """
+
+  def __init__(self, loader, state: dict | None = None):
+    self._loader = loader
+    self._state = state
+
+  def get_state(self) -> bytes:
+    return json.dumps(self._state).encode()
+
+  def set_state(self, state: bytes) -> None:
+    self._state = json.loads(state)
+    self._loader.set_state(self._state)
+
+  def start_prefetch(self) -> None:
+    """Nothing to start: the loader prefetches once iterated."""
 
 
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), 'checkpoints')
+
+
+def complete_steps(workdir: str) -> list[int]:
+  """Steps of the finished checkpoints in `workdir`, ascending, from the folder names alone
+  (orbax renames a checkpoint's temporary folder to its step once every file is written), so
+  that it also answers when the checkpoint manager cannot (a peer is gone)."""
+  folder = checkpoint_dir(workdir)
+  names = os.listdir(folder) if os.path.isdir(folder) else []
+  return sorted(int(name) for name in names if name.isdigit())
 
 
 def best_metric(task: str) -> tuple[str, bool]:
@@ -34,44 +75,81 @@ def best_metric(task: str) -> tuple[str, bool]:
   return ('eval/mpg_loss', False) if task == 'pretrain_mpg' else ('eval/mpc_acc', True)
 
 
-def manager(workdir: str, task: str, keep: int) -> ocp.CheckpointManager:
+def manager(workdir: str, task: str, keep: int,
+            every_minutes: float = 30.0) -> ocp.CheckpointManager:
+  """The run's checkpoint manager; `mngr.should_save(step)` is True once `every_minutes`
+  have passed since the last checkpoint (decided on process 0, broadcast to all: the loop
+  asks only at its logging steps, where it waits for the device anyway)."""
   metric, higher = best_metric(task)
-  policy = policies.AnyPreservationPolicy([
+  preservation = policies.AnyPreservationPolicy([
       policies.LatestN(n=keep),
       policies.BestN(get_metric_fn=lambda m: m[metric], reverse=not higher, n=1,
                      keep_checkpoints_without_metrics=False)])
+  decision = policies.ContinuousCheckpointingPolicy(
+      minimum_interval_secs=int(every_minutes * 60))
   options = ocp.CheckpointManagerOptions(
-      preservation_policy=policy, enable_async_checkpointing=True, create=True,
-      cleanup_tmp_directories=True)
+      preservation_policy=preservation, save_decision_policy=decision,
+      enable_async_checkpointing=True, create=True, cleanup_tmp_directories=True)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                               item_names=('state', 'meta'))
+                               item_names=('state', 'meta', 'data'))
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict, metrics=None) -> None:
-  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                          meta=ocp.args.JsonSave(meta)),
-            metrics=metrics, force=True)
+def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict,
+         data: DataPosition | None = None, metrics=None) -> None:
+  """Starts saving a checkpoint at `step` (`data`: None for a checkpoint without a data
+  position, as tools that write parameters only make)."""
+  items = {'state': ocp.args.StandardSave(state), 'meta': ocp.args.JsonSave(meta)}
+  if data is not None:
+    items['data'] = grain.checkpoint.CheckpointSave(data)
+  mngr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
 
-def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
-  """(step, state, meta) of the newest checkpoint that restores, or None if there is none.
+def saved_process_count(mngr: ocp.CheckpointManager, step: int) -> int | None:
+  """How many processes wrote the checkpoint at `step` (its data files say), or None."""
+  folder = mngr.directory / str(step) / 'data'
+  if not folder.is_dir():
+    return None
+  counts = {int(m.group(2)) for path in folder.iterdir()
+            if (m := _DATA_FILE.fullmatch(path.name))}
+  return counts.pop() if len(counts) == 1 else None
+
+
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data: DataPosition,
+                   process_count: int):
+  """(step, state, meta) of the newest checkpoint that restores, or None if there is none;
+  `data`'s loader is set to that checkpoint's position for this process.
 
   A checkpoint that fails to restore (cut short by a crash on a file system without
   atomic renames, or damaged) is skipped with a warning in favour of the one before it.
+  A checkpoint written by another number of processes raises ProcessCountError: each
+  process's data position belongs to that process layout.
   """
   for step in sorted(mngr.all_steps(), reverse=True):
+    saved = saved_process_count(mngr, step)
+    if saved is not None and saved != process_count:
+      raise ProcessCountError(
+          f'the checkpoint at step {step} in {mngr.directory} was written by {saved} '
+          f'processes and this job has {process_count}; restart with {saved} processes '
+          f'(each holds its own position in the data), or use another --workdir')
     try:
-      return (step, *restore(mngr, step, abstract_state))
+      return (step, *restore(mngr, step, abstract_state, data))
     except Exception as e:  # any failure means this checkpoint is unusable
       logging.warning('checkpoint at step %d is incomplete or damaged, skipping it: %s',
                       step, e)
   return None
 
 
-def restore(mngr: ocp.CheckpointManager, step: int, abstract_state):
-  """(state, meta) of the checkpoint at `step`."""
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+class ProcessCountError(ValueError):
+  """A checkpoint's process count differs from this job's."""
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_state,
+            data: DataPosition | None = None):
+  """(state, meta) of the checkpoint at `step`; sets `data`, if given, to its position."""
+  items = {'state': ocp.args.StandardRestore(abstract_state), 'meta': ocp.args.JsonRestore()}
+  if data is not None:
+    items['data'] = grain.checkpoint.CheckpointRestore(data)
+  restored = mngr.restore(step, args=ocp.args.Composite(**items))
   return restored['state'], restored['meta']
 
 

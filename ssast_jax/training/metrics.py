@@ -125,6 +125,12 @@ class MetricsWriter:
     if self._track(row):
       self._write_result_csv()
 
+  def write_image(self, step: int, tag: str, image) -> None:
+    """Sends an RGB image `(H, W, 3)` uint8 to TensorBoard."""
+    if self._enabled:
+      self._tensorboard.add_image(tag, image, int(step), dataformats='HWC')
+      self._tensorboard.flush()
+
   def close(self) -> None:
     if self._enabled:
       self._jsonl.close()

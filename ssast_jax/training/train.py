@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
 import sys
 import time
 
@@ -29,7 +28,7 @@ from ssast_jax.config.settings import ConfigError, Settings, resolve, split_shar
 from ssast_jax.data import ManifestError
 from ssast_jax.data.convert import ConversionError, convert as convert_to_shards
 from ssast_jax.data.demo import write_demo_dataset
-from ssast_jax.training import checkpoints, metrics, schedule, sharding
+from ssast_jax.training import checkpoints, faults, metrics, schedule, sharding
 from ssast_jax.training.prefetch import DevicePrefetcher
 from ssast_jax.training.profiling import StepProfiler
 from ssast_jax.training.step import StepSetup, eval_step, step_setup
@@ -39,8 +38,10 @@ class TrainingError(RuntimeError):
   """The run cannot continue; the message says why and what was kept."""
 
 
-# Errors that end a run with their one-line message (main.py prints them, no traceback).
-RUN_ERRORS = (TrainingError, ConversionError, ManifestError, FileNotFoundError)
+# Errors in what the run was given (data, workdir, process count) that end it with their
+# one-line message and exit code 2 (main.py prints them, no traceback); TrainingError is 1.
+INPUT_ERRORS = (ConversionError, ManifestError, FileNotFoundError,
+                checkpoints.ProcessCountError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,9 +59,10 @@ def log(message: str) -> None:
     tqdm.tqdm.write(message, file=sys.stdout)
 
 
-def prepare_data(settings: Settings, workdir: str) -> DataSplits:
-  """Shards for both splits, converting the `.pt` folders on first use (process 0 converts,
-  the others wait), and the normalisation statistics (missing ones from the manifest)."""
+def prepare_data(settings: Settings, workdir: str, verify_data: bool) -> DataSplits:
+  """Shards for both splits, converting the `.pt` folders or the audio on first use (process
+  0 converts, the others wait) and checked against their manifests (sizes; content hashes
+  with `verify_data`), and the normalisation statistics (missing ones from the manifest)."""
   d = settings.data
   shards_root = d.shards_dir or os.path.join(workdir, 'shards')
   dirs = {s: split_shards_dir(shards_root, s) for s in ('train', 'val')}
@@ -73,9 +75,13 @@ def prepare_data(settings: Settings, workdir: str) -> DataSplits:
                  'val': (demo['val_json'], demo['val_pt_dir'])}
     for split, (json_path, pt_dir) in sources.items():
       if json_path:
-        convert_to_shards(json_path, pt_dir, dirs[split], dtype=d.shard_dtype,
-                          num_mel_bins=d.num_mel_bins)
+        audio = d.train_audio and not d.demo
+        convert_to_shards(json_path, None if audio else pt_dir, dirs[split], audio=audio,
+                          audio_root=(d.audio_root or None) if audio else None,
+                          dtype=d.shard_dtype, num_mel_bins=d.num_mel_bins)
   multihost_utils.sync_global_devices('ssast_jax: shards ready')
+  for split_dir in dirs.values():
+    data.check_shards(split_dir, verify_content=verify_data)
   manifest = data.ShardedFeatures(dirs['train']).manifest
   mean = manifest['mean'] if d.mean is None else d.mean
   std = manifest['std'] if d.std is None else d.std
@@ -98,8 +104,8 @@ def check_resumable(settings: Settings, workdir: str) -> None:
         + ', '.join(differing) + '. Use another --workdir or the saved config.')
 
 
-def evaluate(params, splits: DataSplits, setup: StepSetup) -> dict:
-  """Validation metrics over every validation clip exactly once."""
+def evaluate(params, splits: DataSplits, setup: StepSetup, beat=lambda: None) -> dict:
+  """Validation metrics over every validation clip exactly once; `beat` after each batch."""
   s = setup.settings
   loader = data.eval_loader(
       splits.val_dir, batch_size=s.optim.batch_size, target_length=s.data.target_length,
@@ -112,18 +118,38 @@ def evaluate(params, splits: DataSplits, setup: StepSetup) -> dict:
     sums = eval_step(params, fbank, valid, batch_index, graphdef=setup.graphdef,
                      settings=s, mesh=setup.mesh)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    beat()
   totals = jax.device_get(totals)
   count = totals.pop('count')
   return {f'eval/{k}': float(v / count) for k, v in totals.items() if k != 'loss'}
 
 
+def picture_drawer(settings: Settings, setup: StepSetup, workdir: str):
+  """`draw(params, step, writer)`, sending one validation clip's figure (mask, MPG
+  reconstruction, MPC hits) to TensorBoard; None where `eval_picture` is off or the job has
+  several processes (the parameters are not all on this host)."""
+  if not settings.run.eval_picture or jax.process_count() > 1:
+    return None
+  from ssast_jax import api, visualize  # pylint: disable=import-outside-toplevel
+  _, _, clips = visualize.normalised_clips(settings, workdir, 'val', 1)
+  mask = visualize.draw_mask(settings, jax.random.key(settings.run.seed))
+
+  def draw(params, step: int, writer: metrics.MetricsWriter) -> None:
+    model = api.ModelHandle(settings.model, setup.graphdef, params)
+    writer.write_image(step, 'val/clip',
+                       visualize.clip_figure_image(model, clips[0], mask, title=f'step {step}'))
+  return draw
+
+
 def validate_and_schedule(state: dict, meta: dict, step: int, splits: DataSplits,
-                          setup: StepSetup, writer: metrics.MetricsWriter):
+                          setup: StepSetup, writer: metrics.MetricsWriter,
+                          beat=lambda: None, draw=None):
   """Validation at `step`, then the plateau rule on its metric; returns (state, meta,
-  validation metrics) with the learning rate halved in `state` when the rule says so."""
+  validation metrics) with the learning rate halved in `state` when the rule says so.
+  `draw` (picture_drawer) also sends the clip figure to TensorBoard."""
   s = setup.settings
   metric_name, higher_is_better = checkpoints.best_metric(s.objective.task)
-  eval_metrics = evaluate(state['params'], splits, setup)
+  eval_metrics = evaluate(state['params'], splits, setup, beat)
   if step > 0:
     lr = float(state['lr'])
     plateau, new_lr = schedule.plateau_step(
@@ -136,6 +162,8 @@ def validate_and_schedule(state: dict, meta: dict, step: int, splits: DataSplits
       state = {**state, 'lr': jax.device_put(jnp.float32(new_lr),
                                              sharding.replicated(setup.mesh))}
   writer.write(step, eval_metrics)
+  if draw is not None:
+    draw(state['params'], step, writer)
   log(f'step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()))
   return state, meta, eval_metrics
 
@@ -152,14 +180,41 @@ def check_finite(state: dict, settings: Settings, mngr: ocp.CheckpointManager,
         f' in {checkpoints.checkpoint_dir(workdir)}; set nan_policy=skip to skip such steps.')
 
 
-def save(mngr, step: int, state: dict, meta: dict, settings: Settings, workdir: str,
-         eval_metrics: dict | None = None) -> None:
-  """Checkpoints `state` and `meta` at `step` (asynchronously), unless a step was not
-  finite under nan_policy 'stop' (then TrainingError)."""
+def last_complete(workdir: str) -> str:
+  """'the last complete checkpoint is step S in DIR' (or that there is none), for messages."""
+  steps = checkpoints.complete_steps(workdir)
+  where = checkpoints.checkpoint_dir(workdir)
+  return (f'the last complete checkpoint is step {steps[-1]} in {where}' if steps
+          else f'there is no complete checkpoint in {where}')
+
+
+def save(mngr, step: int, state: dict, meta: dict, data: checkpoints.DataPosition,
+         settings: Settings, workdir: str, eval_metrics: dict | None = None) -> None:
+  """Starts checkpointing `state`, `meta` and the data position at `step` (asynchronously),
+  unless a step was not finite under nan_policy 'stop' (then TrainingError). A failure to
+  write this or the previous checkpoint raises CheckpointWriteError."""
   check_finite(state, settings, mngr, workdir)
   metric_name, _ = checkpoints.best_metric(settings.objective.task)
   best = None if eval_metrics is None else {metric_name: eval_metrics[metric_name]}
-  checkpoints.save(mngr, step, state, meta, best)
+  try:
+    checkpoints.save(mngr, step, state, meta, data, best)
+  except Exception as error:  # orbax surfaces the previous async save's failure here too
+    raise _write_error(error, workdir) from error
+
+
+def wait_for_saves(mngr, workdir: str) -> None:
+  """Blocks until the last checkpoint is complete; CheckpointWriteError if it failed."""
+  try:
+    mngr.wait_until_finished()
+  except Exception as error:
+    raise _write_error(error, workdir) from error
+
+
+def _write_error(error: Exception, workdir: str) -> faults.CheckpointWriteError:
+  reason = ' '.join(str(error).split())[:300] or type(error).__name__
+  return faults.CheckpointWriteError(
+      f'a checkpoint could not be written ({type(error).__name__}: {reason}); '
+      f'{last_complete(workdir)}. Free space or fix the folder, then rerun to resume')
 
 
 def log_window(pending: list, seconds: float, wait_ms: float, batch_size: int) -> dict:
@@ -171,24 +226,10 @@ def log_window(pending: list, seconds: float, wait_ms: float, batch_size: int) -
   return row
 
 
-class _StopRequest:
-  """Turns SIGTERM into a flag the loop checks between steps."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
-
-
-def train_and_evaluate(config, workdir: str) -> dict:
+def train_and_evaluate(config, workdir: str, verify_data: bool = False) -> dict:
   """Trains per `config` in `workdir`, resuming from its latest checkpoint; returns the
-  last validation metrics."""
+  last validation metrics. Every shard's size is checked before step 0, and its content
+  hash too with `verify_data`."""
   # ---- Settings, devices and the compiled step (before any work: fails fast).
   settings = resolve(config)
   setup = step_setup(settings)
@@ -197,7 +238,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   optim, run = settings.optim, settings.run
 
   # ---- Data.
-  splits = prepare_data(settings, workdir)
+  splits = prepare_data(settings, workdir, verify_data)
   check_resumable(settings, workdir)
   if is_main:
     metrics.save_config(workdir, settings.config_dict())
@@ -211,28 +252,33 @@ def train_and_evaluate(config, workdir: str) -> dict:
     total_steps = min(total_steps, optim.max_steps)
 
   # ---- Model and optimiser state: fresh, or restored from the latest checkpoint.
-  mngr = checkpoints.manager(workdir, settings.objective.task, run.keep_checkpoints)
-  restored = checkpoints.restore_latest(mngr, setup.abstract_state)
+  mngr = checkpoints.manager(workdir, settings.objective.task, run.keep_checkpoints,
+                             run.checkpoint_every_minutes)
+  restored = checkpoints.restore_latest(mngr, setup.abstract_state,
+                                        checkpoints.DataPosition(loader), jax.process_count())
   if restored is None:
     start, state, meta = 0, setup.init(), {'plateau': schedule.plateau_init()}
   else:
     start, state, meta = restored
-    loader.set_state(meta['data_state'])
     log(f'resuming from the checkpoint at step {start}')
   writer = metrics.MetricsWriter(workdir, task=settings.objective.task, enabled=is_main,
                                  resume_step=None if restored is None else start)
-  meta = {**meta, 'data_state': loader.get_state()}
+  position = checkpoints.DataPosition(loader, loader.get_state())
+  draw = picture_drawer(settings, setup, workdir) if is_main else None
   eval_metrics = {}
   if restored is None:
-    state, meta, eval_metrics = validate_and_schedule(state, meta, 0, splits, setup, writer)
-    save(mngr, 0, state, meta, settings, workdir, eval_metrics)
+    state, meta, eval_metrics = validate_and_schedule(state, meta, 0, splits, setup, writer,
+                                                      draw=draw)
+    save(mngr, 0, state, meta, position, settings, workdir, eval_metrics)
 
   # ---- Training loop.
-  stop = _StopRequest()
+  several = jax.process_count() > 1
+  sigterm = faults.SigtermFlag(install=not several)
+  watchdog = faults.ProgressWatchdog(several, lambda: last_complete(workdir))
   progress = metrics.progress_bar(total_steps, initial_step=start, enabled=is_main)
   prefetch = DevicePrefetcher(loader, setup.batch_sharding)
   profiler = StepProfiler(run.profile_steps, workdir, enabled=is_main)
-  pending, window_start, wait_ms, done = [], time.perf_counter(), 0.0, start
+  pending, window_start, wait_ms, done, preempted = [], time.perf_counter(), 0.0, start, False
   try:
     for step in range(start, total_steps):
       batch, data_state, waited = next(prefetch)
@@ -240,35 +286,54 @@ def train_and_evaluate(config, workdir: str) -> dict:
       profiler.before_step(done)
       state, step_metrics = setup.step(state, batch)
       profiler.after_step(done, step_metrics)
-      meta = {**meta, 'data_state': data_state}
+      position = checkpoints.DataPosition(loader, data_state)
       pending.append(step_metrics)
       wait_ms += waited
       progress.update(1)
-      if done % run.print_every_steps == 0 or done == total_steps:
+      watchdog.beat()
+      logged = done % run.print_every_steps == 0 or done == total_steps
+      if logged:
         row = log_window(pending, time.perf_counter() - window_start, wait_ms,
                          optim.batch_size)
         writer.write(done, row)
         check_finite(state, settings, mngr, workdir)
         progress.set_postfix(loss=f'{row["train/loss"]:.4f}', acc=f'{row["train/mpc_acc"]:.3f}')
         pending, window_start, wait_ms = [], time.perf_counter(), 0.0
+      # Every process asks every step (the preemption sync point is collective, and local to
+      # check); the time-based decision, a broadcast from process 0, only at logging steps.
+      preempted = sigterm.requested or mngr.reached_preemption(done)
       if done % optim.epoch_iter == 0:
         state, meta, eval_metrics = validate_and_schedule(state, meta, done, splits, setup,
-                                                          writer)
-        save(mngr, done, state, meta, settings, workdir, eval_metrics)
-      elif done % run.checkpoint_every_steps == 0 or done == total_steps or stop.requested:
-        save(mngr, done, state, meta, settings, workdir)
-      if stop.requested:
-        log(f'SIGTERM: saved the checkpoint at step {done}; exiting')
+                                                          writer, watchdog.beat, draw)
+        save(mngr, done, state, meta, position, settings, workdir, eval_metrics)
+      elif (preempted or done == total_steps or done % run.checkpoint_every_steps == 0
+            or (logged and mngr.should_save(done))):
+        save(mngr, done, state, meta, position, settings, workdir)
+      watchdog.beat()
+      if preempted:
         break
+  except jax.errors.JaxRuntimeError as error:
+    if faults.is_peer_failure(error, jax.process_count()):
+      faults.exit_now(f'a peer process stopped: a collective failed on process '
+                      f'{jax.process_index()} ({" ".join(str(error).split())[:200]}). '
+                      f'{last_complete(workdir)}; rerun the same command to resume',
+                      faults.EXIT_PEER_LOST)
+    raise
   finally:
+    watchdog.stop()
     profiler.stop()
-    stop.restore()
+    sigterm.restore()
     prefetch.close()
     progress.close()
-    mngr.wait_until_finished()
-    best = mngr.best_step()
-    mngr.close()
-    writer.close()
+    try:
+      wait_for_saves(mngr, workdir)
+    finally:
+      best = mngr.best_step()
+      mngr.close()
+      writer.close()
+  if preempted:
+    raise faults.Preempted(f'preempted (SIGTERM): every process saved the checkpoint at step '
+                           f'{done}; rerun the same command to resume')
 
   # ---- Summary.
   outcome = 'finished' if done == total_steps else 'stopped'

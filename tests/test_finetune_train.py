@@ -1,0 +1,176 @@
+"""End-to-end fine-tuning runs of `main.py` on a tiny separable labelled set: the run
+learns, logs and resumes exactly; bad labels and bad keys end in one line."""
+
+import csv
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+import ssast_jax
+from ssast_jax.config.finetune import ConfigError, default_config, resolve_finetune
+from tests import runs
+
+NUM_CLASSES = 3
+MIDS = [f'/toy/{k}' for k in range(NUM_CLASSES)]
+
+
+def _write_split(root: pathlib.Path, split: str, count: int, rng, bad_label=None):
+  """Clips whose class k lights mel bins 20k .. 20k + 19, over noise: linearly separable."""
+  import torch  # pylint: disable=import-outside-toplevel
+  pt_dir = root / split
+  pt_dir.mkdir(parents=True)
+  entries = []
+  for i in range(count):
+    k = i % NUM_CLASSES
+    fbank = rng.normal(-8.0, 1.0, (64, 64)).astype(np.float32)
+    fbank[:, 20 * k:20 * k + 20] += 6.0
+    torch.save(torch.from_numpy(fbank), pt_dir / f'{split}_{i}.pt')
+    entries.append({'wav': f'/toy/{split}_{i}.wav', 'labels': MIDS[k]})
+  if bad_label is not None:
+    entries[1]['labels'] = bad_label
+  json_path = root / f'{split}.json'
+  json_path.write_text(json.dumps({'data': entries}))
+  return json_path, pt_dir
+
+
+def write_dataset(root: pathlib.Path, bad_label=None) -> dict:
+  rng = np.random.default_rng(0)
+  train_json, train_pt = _write_split(root, 'train', 48, rng, bad_label)
+  val_json, val_pt = _write_split(root, 'val', 12, rng)
+  label_csv = root / 'labels.csv'
+  with open(label_csv, 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(['index', 'mid', 'display_name'])
+    writer.writerows((k, mid, f'class {k}') for k, mid in enumerate(MIDS))
+  return {'train_json': train_json, 'train_pt_dir': train_pt, 'val_json': val_json,
+          'val_pt_dir': val_pt, 'label_csv': label_csv}
+
+
+@pytest.fixture(scope='module')
+def pretrained(tmp_path_factory):
+  path = tmp_path_factory.mktemp('pretrained') / 'tiny.pth'
+  config = ssast_jax.ModelConfig.from_size('tiny', depth=1, input_tdim=64, input_fdim=64)
+  ssast_jax.to_pytorch(ssast_jax.create_model(config), path)
+  return path
+
+
+@pytest.fixture(scope='module')
+def dataset(tmp_path_factory):
+  return write_dataset(tmp_path_factory.mktemp('toy'))
+
+
+def flags(dataset, workdir, pretrained, **overrides):
+  config = {'pretrained': pretrained, 'data.train_json': dataset['train_json'],
+            'data.train_pt_dir': dataset['train_pt_dir'], 'data.val_json': dataset['val_json'],
+            'data.val_pt_dir': dataset['val_pt_dir'], 'data.label_csv': dataset['label_csv'],
+            'data.shards_dir': pathlib.Path(dataset['train_json']).parent / 'shards',
+            'data.target_length': 64, 'data.num_mel_bins': 64, 'data.mean': -7.0,
+            'data.std': 2.5, 'fstride': 16, 'tstride': 16, 'loss': 'ce', 'metrics': 'acc',
+            'batch_size': 8, 'lr': 1e-3, 'warmup': False, 'num_epochs': 3,
+            'lrscheduler_start': 2, 'lrscheduler_step': 1, 'lrscheduler_decay': 0.5,
+            'freqm': 8, 'timem': 8, 'mixup': 0.5, 'noise': True, 'print_every_steps': 1,
+            'checkpoint_every_steps': 4, 'wa': True, 'wa_start': 2, 'wa_end': 3}
+  config.update(overrides)
+  return ['--config', str(runs.ROOT / 'configs' / 'finetune.py'), f'--workdir={workdir}',
+          '--notune_cpu_allocator'] + [f'--config.{k}={v}' for k, v in config.items()]
+
+
+def test_finetuning_learns_logs_and_resumes(dataset, pretrained, tmp_path):
+  full = tmp_path / 'full'
+  runs.run_main(flags(dataset, full, pretrained))
+  rows = runs.metric_rows(full)
+  evals = [r for r in rows if 'eval/acc' in r]
+  assert [r['step'] for r in evals] == [6, 12, 18]
+  assert all('eval/mAP' in r and 'eval/mAUC' in r for r in evals)
+  assert evals[-1]['eval/acc'] > 0.6  # chance is 1/3
+  result = np.loadtxt(full / 'result.csv', delimiter=',')
+  assert result.shape == (3, 10)
+  np.testing.assert_allclose(result[:, 0], [r['eval/acc'] for r in evals])
+  # lr: 1e-3 through epoch 2, halved after epoch 2 (MultiStepLR from epoch 2).
+  np.testing.assert_allclose(result[:, 9], [1e-3, 1e-3, 5e-4], rtol=1e-6)
+  wa_result = np.loadtxt(full / 'wa_result.csv')
+  assert wa_result.shape == (5,) and wa_result[0] > 0.6  # mAP of the averaged weights
+  assert isinstance(ssast_jax.from_pytorch(full / 'wa_model.pth', fstride=16, tstride=16,
+                                           input_tdim=64, input_fdim=64),
+                    ssast_jax.ClassifierHandle)
+
+  resumed = tmp_path / 'resumed'
+  runs.run_main(flags(dataset, resumed, pretrained, max_steps=9))
+  runs.run_main(flags(dataset, resumed, pretrained))
+  assert runs.train_losses(resumed) == runs.train_losses(full)
+  assert [r for r in runs.metric_rows(resumed) if 'eval/acc' in r] == evals
+  np.testing.assert_array_equal(np.loadtxt(resumed / 'result.csv', delimiter=','), result)
+  np.testing.assert_array_equal(np.loadtxt(resumed / 'wa_result.csv'), wa_result)
+
+
+def test_bad_label_names_the_clip(pretrained, tmp_path):
+  bad = write_dataset(tmp_path / 'bad', bad_label='/toy/unknown')
+  result = runs.run_main(flags(bad, tmp_path / 'run', pretrained), check=False)
+  assert result.returncode == 2
+  lines = result.stderr.strip().splitlines()
+  assert "'/toy/train_1.wav'" in lines[-1] and "'/toy/unknown'" in lines[-1]
+  assert lines[-1].startswith('error:')
+
+
+@pytest.mark.parametrize('key, value', [('loss', 'mse'), ('metrics', 'auc'), ('freqm', -1),
+                                        ('mixup', 1.5), ('head_lr', 0), ('task', 'ft_x'),
+                                        ('lrscheduler_step', 0)])
+def test_config_errors_name_the_key(key, value, tmp_path):
+  config = default_config()
+  config.pretrained = str(tmp_path)
+  config[key] = value
+  with pytest.raises(ConfigError, match=f'^{key} '):
+    resolve_finetune(config, check_data=False)
+
+
+def test_missing_label_csv_and_unknown_key(tmp_path):
+  config = default_config()
+  config.pretrained = str(tmp_path)
+  with pytest.raises(ConfigError, match='^data.label_csv'):
+    resolve_finetune(config)
+  config = default_config()
+  config.mask_patch = 4
+  with pytest.raises(ConfigError, match='unknown config key mask_patch'):
+    resolve_finetune(config, check_data=False)
+
+
+def test_recipes_resolve():
+  import importlib  # pylint: disable=import-outside-toplevel
+  for name in ('finetune', 'finetune_esc50', 'finetune_speechcommands', 'finetune_audioset'):
+    config = importlib.import_module(f'configs.{name}').get_config()
+    config.pretrained = 'model.pth'
+    resolve_finetune(config, check_data=False)
+
+
+def test_balanced_sampling_follows_the_weights(dataset, tmp_path):
+  """Clips of weight 0 (every class but 0, and one skipped JSON entry) are never drawn."""
+  from ssast_jax import data  # pylint: disable=import-outside-toplevel
+  from ssast_jax.data.convert import convert  # pylint: disable=import-outside-toplevel
+  from ssast_jax.finetune import labels, train  # pylint: disable=import-outside-toplevel
+  entries = json.loads(pathlib.Path(dataset['train_json']).read_text())['data']
+  entries.insert(3, {'wav': '/toy/missing.wav', 'labels': MIDS[0]})  # no .pt: skipped
+  train_json = tmp_path / 'train.json'
+  train_json.write_text(json.dumps({'data': entries}))
+  weights = [1.0 if e['labels'] == MIDS[0] and 'missing' not in e['wav'] else 0.0
+             for e in entries]
+  weights_csv = tmp_path / 'train_weight.csv'
+  np.savetxt(weights_csv, weights)
+  shards = tmp_path / 'shards'
+  convert(train_json, dataset['train_pt_dir'], shards)
+  config = default_config()
+  config.update({'pretrained': str(tmp_path), 'bal': True})
+  config.data.update({'train_json': str(train_json), 'label_csv': str(dataset['label_csv']),
+                      'train_pt_dir': str(dataset['train_pt_dir']),
+                      'val_json': str(dataset['val_json']),
+                      'val_pt_dir': str(dataset['val_pt_dir'])})
+  settings = resolve_finetune(config)
+  assert settings.train_weights == str(weights_csv)
+  per_clip = train.clip_weights(settings, shards)
+  table = labels.load_label_table(dataset['label_csv'])
+  loader = data.train_loader(shards, batch_size=8, target_length=64, mean=-7.0, std=2.5,
+                             seed=0, targets=train.clip_targets(shards, table),
+                             sample_weights=per_clip)
+  drawn = np.concatenate([next(loader)['labels'] for _ in range(12)])
+  assert np.all(drawn[:, 0] == 1)
