@@ -8,11 +8,12 @@ come from the shard manifest. Everything not set here is the original's joint re
 (configs/pretrain_joint.py), including the MPC loss training the encoder.
 
 What differs from it, and why (validation MPC accuracy from step 0 to the last step, 2-block
-tiny model, 616 steps, measured on 2 CPU cores):
+tiny model, 616 steps, measured on 2 CPU cores; the whole run took 150 s on the 2-core AMD
+EPYC machine, 2026-12-02):
 - A tiny 2-block model on 256-frame clips (8 x 16 patches), 40 masked patches: the size
   that runs in minutes.
 - Frame (uniform) masking instead of cluster masking: every masked patch keeps visible
-  neighbours, which a 2-block model learns from quickly (0.030 -> 0.230, 7.7x); with the
+  neighbours, which a 2-block model learns from quickly (0.030 -> 0.204, 6.8x); with the
   original's cluster masking the same run reaches 0.024 -> 0.091 (3.7x).
 - Learning rate 1e-3 without the 1000-step warm-up, which is longer than the whole demo.
 - Batch 16 and plateau patience 2: with the original's batch 12 and patience 1 (and as many
