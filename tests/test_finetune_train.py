@@ -138,7 +138,8 @@ def test_missing_label_csv_and_unknown_key(tmp_path):
 
 def test_recipes_resolve():
   import importlib  # pylint: disable=import-outside-toplevel
-  for name in ('finetune', 'finetune_esc50', 'finetune_speechcommands', 'finetune_audioset'):
+  for name in ('finetune', 'finetune_esc50', 'finetune_speechcommands', 'finetune_audioset',
+               'demo_finetune'):
     config = importlib.import_module(f'configs.{name}').get_config()
     config.pretrained = 'model.pth'
     resolve_finetune(config, check_data=False)
