@@ -12,7 +12,8 @@ import pytest
 
 from ssast_jax.data.demo import write_demo_dataset
 from ssast_jax.training import faults
-from runs import ROOT, env, metric_rows, run_main, start_processes, tiny_run_flags, wait_for_steps
+from runs import (ROOT, assert_same_run, env, metric_rows, run_main, start_processes,
+                  tiny_run_flags, wait_for_steps)
 
 TOTAL_STEPS = 18  # tiny_run_flags: 2 epochs of 9 steps
 
@@ -51,8 +52,16 @@ def one_process_run(dataset, tmp_path_factory):
 @pytest.fixture(scope='module')
 def two_process_run(dataset, tmp_path_factory):
   workdir = tmp_path_factory.mktemp('two')
-  _run_two(tiny_run_flags(dataset, workdir))
+  processes = start_processes(tiny_run_flags(dataset, workdir))
+  outputs = [p.communicate(timeout=600) for p in processes]
+  for p, (_, err) in zip(processes, outputs):
+    assert p.returncode == 0, err[-4000:]
+  assert outputs[1][0] == ''  # only process 0 prints
   return workdir
+
+
+def test_two_processes_match_one(two_process_run, one_process_run, tmp_path):
+  assert_same_run(two_process_run, one_process_run, tmp_path)
 
 
 def test_two_processes_stopped_killed_and_restarted_resume_exactly(dataset, two_process_run,
