@@ -23,8 +23,6 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
-from orbax.checkpoint import checkpoint_managers as policies
 
 from ssast_jax import api, data
 from ssast_jax.config.finetune import FinetuneSettings, check_devices, resolve_finetune
@@ -135,26 +133,6 @@ def build_classifier(settings: FinetuneSettings, num_labels: int) -> ClassifierH
   return handle
 
 
-def checkpoint_manager(settings: FinetuneSettings, workdir: str) -> ocp.CheckpointManager:
-  """`checkpoints.manager`'s policies (latest N, interval, time, preemption), with the best
-  checkpoint kept by the fine-tuning main metric (higher is better)."""
-  metric = settings.best_metric
-  preservation = policies.AnyPreservationPolicy([
-      policies.LatestN(n=settings.keep_checkpoints),
-      policies.BestN(get_metric_fn=lambda m: m[metric], reverse=False, n=1,
-                     keep_checkpoints_without_metrics=False)])
-  decision = policies.AnySavePolicy([
-      policies.FixedIntervalPolicy(settings.checkpoint_every_steps),
-      policies.ContinuousCheckpointingPolicy(
-          minimum_interval_secs=int(settings.checkpoint_every_minutes * 60)),
-      policies.PreemptionCheckpointingPolicy()])
-  options = ocp.CheckpointManagerOptions(
-      preservation_policy=preservation, save_decision_policy=decision,
-      enable_async_checkpointing=True, create=True, cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(checkpoints.checkpoint_dir(workdir), options=options,
-                               item_names=('state', 'meta', 'data'))
-
-
 def predict(params, splits, settings: FinetuneSettings, setup: FinetuneStep,
             targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """(sigmoid outputs `(N, K)`, per-clip losses `(N,)`) of every validation clip, in order."""
@@ -258,7 +236,9 @@ def train_and_evaluate(config, workdir: str, verify_data: bool = False) -> dict:
   handle = build_classifier(settings, table.num_labels)
   setup = finetune_step(settings, handle.graphdef, handle.state, steps_per_epoch,
                         float(augment.normalised_zero(splits.mean, splits.std)))
-  mngr = checkpoint_manager(settings, workdir)
+  mngr = checkpoints.manager(workdir, settings.task, settings.keep_checkpoints,
+                             settings.checkpoint_every_minutes,
+                             best=(settings.best_metric, True))
   restored = checkpoints.restore_latest(mngr, setup.abstract_state,
                                         checkpoints.DataPosition(loader), 1)
   start, state = 0, setup.state
@@ -313,7 +293,8 @@ def train_and_evaluate(config, workdir: str, verify_data: bool = False) -> dict:
         best = eval_metrics[settings.best_metric]
         save(mngr, done, state, position, workdir,
              {settings.best_metric: best} if math.isfinite(best) else None)
-      elif mngr.should_save(done) or done == total_steps or preempted:
+      elif (preempted or done == total_steps or done % settings.checkpoint_every_steps == 0
+            or mngr.should_save(done)):
         save(mngr, done, state, position, workdir)
       if preempted:
         break

@@ -75,12 +75,13 @@ def best_metric(task: str) -> tuple[str, bool]:
   return ('eval/mpg_loss', False) if task == 'pretrain_mpg' else ('eval/mpc_acc', True)
 
 
-def manager(workdir: str, task: str, keep: int,
-            every_minutes: float = 30.0) -> ocp.CheckpointManager:
+def manager(workdir: str, task: str, keep: int, every_minutes: float = 30.0,
+            best: tuple[str, bool] | None = None) -> ocp.CheckpointManager:
   """The run's checkpoint manager; `mngr.should_save(step)` is True once `every_minutes`
   have passed since the last checkpoint (decided on process 0, broadcast to all: the loop
-  asks only at its logging steps, where it waits for the device anyway)."""
-  metric, higher = best_metric(task)
+  asks only at its logging steps, where it waits for the device anyway). The best
+  checkpoint is kept by `best` = (metric, higher_is_better), by default `best_metric(task)`."""
+  metric, higher = best or best_metric(task)
   preservation = policies.AnyPreservationPolicy([
       policies.LatestN(n=keep),
       policies.BestN(get_metric_fn=lambda m: m[metric], reverse=not higher, n=1,
