@@ -1,6 +1,6 @@
 """Export a training run's parameters in the original PyTorch layout.
 
-python -m ssast_jax.export --workdir W --out model.pth [--which best|latest]
+python -m ssast_jax.export --workdir W --out model.pth [--which best|latest|STEP]
 """
 
 from __future__ import annotations
@@ -16,14 +16,20 @@ from ssast_jax.training import checkpoints
 from ssast_jax.training.state import init_state
 
 
-def workdir_params(workdir: str, which: str = 'latest'):
-  """(settings, step, parameters) of the `which` ('best' or 'latest') checkpoint of a
-  training run: the run's saved config and only the parameters (no optimiser state), on
+def workdir_params(workdir: str, which: str | int = 'latest'):
+  """(settings, step, parameters) of the `which` ('best', 'latest' or a step number)
+  checkpoint of a training run: the run's saved config and only the parameters (no optimiser state), on
   this process's first device whatever the run's mesh was."""
   settings = resolve_saved(checkpoints.read_config(workdir))
   mngr = checkpoints.manager(workdir, settings.objective.task, settings.run.keep_checkpoints)
   try:
-    step = mngr.best_step() if which == 'best' else mngr.latest_step()
+    if isinstance(which, int):
+      step = which
+      if step not in mngr.all_steps():
+        raise FileNotFoundError(f'{checkpoints.checkpoint_dir(workdir)}: no checkpoint of step '
+                                f'{step} (there are: {sorted(mngr.all_steps())})')
+    else:
+      step = mngr.best_step() if which == 'best' else mngr.latest_step()
     if step is None:
       raise FileNotFoundError(f'{checkpoints.checkpoint_dir(workdir)}: no checkpoint to load')
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -36,7 +42,7 @@ def workdir_params(workdir: str, which: str = 'latest'):
   return settings, step, params
 
 
-def export(workdir: str, out: str, which: str = 'best') -> int:
+def export(workdir: str, out: str, which: str | int = 'best') -> int:
   """Writes the `which` checkpoint of `workdir` to `out`; returns its step."""
   settings, step, params = workdir_params(workdir, which)
   graphdef, _ = abstract_model(settings.model)
@@ -44,13 +50,21 @@ def export(workdir: str, out: str, which: str = 'best') -> int:
   return step
 
 
+def _which(text: str) -> str | int:
+  if text in ('best', 'latest'):
+    return text
+  if text.isdigit():
+    return int(text)
+  raise argparse.ArgumentTypeError(f"expected 'best', 'latest' or a step number, got {text!r}")
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(prog='python -m ssast_jax.export',
                                    description=__doc__.split('\n\n')[0])
   parser.add_argument('--workdir', required=True, help='the training run directory')
   parser.add_argument('--out', required=True, help='the .pth file to write')
-  parser.add_argument('--which', choices=('best', 'latest'), default='best',
-                      help='best validation checkpoint (default) or the latest')
+  parser.add_argument('--which', type=_which, default='best',
+                      help='best validation checkpoint (default), the latest, or a step number')
   args = parser.parse_args(argv)
   try:
     step = export(args.workdir, args.out, args.which)

@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from ssast_jax import export
 from ssast_jax.config.settings import resolve
 from ssast_jax.data.demo import write_demo_dataset
 from ssast_jax.training import checkpoints, faults
@@ -71,6 +72,18 @@ def test_export_writes_the_checkpoints_parameters(reference_run, tmp_path):
   assert len(exported) == len(restored) == 28
   for a, b in zip(exported, restored):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_export_of_a_step_number(reference_run):
+  """`which` as a step number reads that checkpoint; a step without one is named."""
+  steps = checkpoints.complete_steps(str(reference_run))
+  assert len(steps) >= 2
+  _, step, first = export.workdir_params(str(reference_run), steps[0])
+  _, _, last = export.workdir_params(str(reference_run), 'latest')
+  assert step == steps[0]
+  assert not np.array_equal(_flat(first), _flat(last))
+  with pytest.raises(FileNotFoundError, match=f'no checkpoint of step 7777 .*{steps[0]}'):
+    export.workdir_params(str(reference_run), 7777)
 
 
 def test_sigkill_and_resume_is_bit_identical(dataset, reference_run, tmp_path):
