@@ -1,6 +1,9 @@
 """Fine-tuning learning rates and optimiser against the original `traintest.py` run in
 PyTorch (its warm-up code, MultiStepLR, ReduceLROnPlateau and two-group Adam)."""
 
+import functools
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,7 +32,7 @@ def _torch_run(lr, head_lr, *, steps_per_epoch, n_epochs, warmup, milestones=Non
   else:
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode='max', factor=0.5,
                                                            patience=patience)
-  lrs, epoch_end, global_step = [], [], 0
+  lrs, epoch_end, after_step, global_step = [], [], [], 0
   for epoch in range(1, n_epochs + 1):
     for _ in range(steps_per_epoch):
       if global_step <= 1000 and global_step % 50 == 0 and warmup:
@@ -42,7 +45,8 @@ def _torch_run(lr, head_lr, *, steps_per_epoch, n_epochs, warmup, milestones=Non
       scheduler.step()
     else:
       scheduler.step(plateau_metrics[epoch - 1])
-  return np.asarray(lrs), np.asarray(epoch_end)
+    after_step.append([g['lr'] for g in optimizer.param_groups])
+  return np.asarray(lrs), np.asarray(epoch_end), np.asarray(after_step)
 
 
 def test_milestones():
@@ -64,7 +68,7 @@ def test_milestones():
 ])
 def test_multistep_schedule_equals_the_original_at_every_step(case):
   lr, head_lr = case.pop('lr'), case.pop('head_lr')
-  expected, epoch_end = _torch_run(lr, head_lr, **case)
+  expected, epoch_end, _ = _torch_run(lr, head_lr, **case)
   counts = jnp.arange(expected.shape[0])
   for group, base in enumerate([lr, lr * head_lr]):
     schedule_fn = jax.jit(ls.multistep_schedule(base, **case))
@@ -82,8 +86,8 @@ def test_multistep_schedule_equals_the_original_at_every_step(case):
 def test_in_jit_warmup_with_host_epoch_ends_equals_the_original():
   """The pretraining-style loop: float32 lr in the state, warm-up per step, host decays."""
   lr, spe, n_epochs, milestones, gamma = 1e-4, 130, 10, ls.multistep_milestones(2, 1), 0.85
-  expected, _ = _torch_run(lr, 1, steps_per_epoch=spe, n_epochs=n_epochs, warmup=True,
-                           milestones=milestones, gamma=gamma)
+  expected, _, _ = _torch_run(lr, 1, steps_per_epoch=spe, n_epochs=n_epochs, warmup=True,
+                              milestones=milestones, gamma=gamma)
   warm = jax.jit(lambda step, current: schedule.warmup_lr(step, current, lr, True))
   host = ls.multistep_step(0, lr, milestones, gamma)
   got = []
@@ -100,8 +104,8 @@ def test_in_jit_warmup_with_host_epoch_ends_equals_the_original():
 def test_plateau_epoch_end_equals_torch_on_map():
   m_aps = [0.1, 0.2, 0.2, 0.19, 0.25, 0.25, 0.25, 0.25, 0.3, 0.1]
   spe, n_epochs, lr, head_lr = 150, len(m_aps), 1e-4, 5
-  expected, epoch_end = _torch_run(lr, head_lr, steps_per_epoch=spe, n_epochs=n_epochs,
-                                   warmup=True, plateau_metrics=m_aps, patience=1)
+  expected, epoch_end, _ = _torch_run(lr, head_lr, steps_per_epoch=spe, n_epochs=n_epochs,
+                                      warmup=True, plateau_metrics=m_aps, patience=1)
   state, lrs = schedule.plateau_init(), {ls.ENCODER: lr, ls.HEAD: lr * head_lr}
   for epoch, m_ap in enumerate(m_aps, start=1):
     first = (epoch - 1) * spe
@@ -114,6 +118,79 @@ def test_plateau_epoch_end_equals_torch_on_map():
       if epoch * spe > 1000 or (epoch * spe) % 50:
         assert [lrs[ls.ENCODER], lrs[ls.HEAD]] == list(next_lr)
   assert lrs[ls.ENCODER] < lr  # it did reduce
+
+
+def test_adaptive_epoch_end_by_hand():
+  """ReduceLROnPlateau(mode='max', factor=0.5) worked out by hand: a halving skipped once
+  it would change the lr by at most 1e-8 (per group), and the warm-up's stairs."""
+  bases = {ls.ENCODER: 3e-8, ls.HEAD: 1e-4}
+  adaptive = ls.adaptive_init(bases)
+  assert adaptive == {'plateau': {'best': None, 'num_bad_evals': 0},
+                      'lr': {ls.ENCODER: 3e-8, ls.HEAD: 1e-4}}
+  kwargs = dict(num_steps=10, base_lrs=bases, warmup=False, patience=0)
+  got = []
+  for epoch, m_ap in enumerate([0.5, 0.5, 0.50001, 0.6]):  # 0.50001: below the 1e-4 rel
+    adaptive = ls.adaptive_epoch_end(adaptive, m_ap, first_step=10 * epoch, **kwargs)
+    got.append(adaptive['lr'])
+    assert json.loads(json.dumps(adaptive)) == adaptive  # the checkpoint's meta
+  assert got == [{ls.ENCODER: 3e-8, ls.HEAD: 1e-4},  # the first mAP is the best
+                 {ls.ENCODER: 1.5e-8, ls.HEAD: 5e-5},  # 3e-8 - 1.5e-8 > 1e-8
+                 {ls.ENCODER: 1.5e-8, ls.HEAD: 2.5e-5},  # 1.5e-8 - 7.5e-9 <= 1e-8: kept
+                 {ls.ENCODER: 1.5e-8, ls.HEAD: 2.5e-5}]  # improved
+  assert adaptive['plateau'] == {'best': 0.6, 'num_bad_evals': 0}
+
+  # With warm-up the epoch's last stair sets the lr first (steps 0-99: stair 50, 100-199:
+  # stair 150), and the halving after epoch 2 acts on it.
+  bases = {ls.ENCODER: 1e-4, ls.HEAD: 3e-4}
+  adaptive = ls.adaptive_init(bases)
+  kwargs = dict(num_steps=100, base_lrs=bases, warmup=True, patience=0)
+  adaptive = ls.adaptive_epoch_end(adaptive, 0.5, first_step=0, **kwargs)
+  assert adaptive['lr'] == {g: (50 / 1000) * b for g, b in bases.items()}
+  adaptive = ls.adaptive_epoch_end(adaptive, 0.4, first_step=100, **kwargs)
+  assert adaptive['lr'] == {g: (150 / 1000) * b * 0.5 for g, b in bases.items()}
+
+
+@functools.partial(jax.jit, static_argnames=('base_lr', 'warmup', 'num_steps'))
+def _device_epoch(first_step, current, *, base_lr, warmup, num_steps):
+  """The lrs the fine-tuning step uses over one epoch, from the state's float32 lr."""
+  def body(lr, step):
+    lr = schedule.warmup_lr(step, lr, base_lr, warmup)
+    return lr, lr
+  return jax.lax.scan(body, current, first_step + jnp.arange(num_steps))[1]
+
+
+@pytest.mark.parametrize('warmup, spe', [(True, 130), (False, 7)])
+def test_adaptschedule_equals_torch_reduce_lr_on_plateau(warmup, spe):
+  """The fine-tuning loop's lr with adaptschedule (float32 state lr warmed up per step,
+  host float64 plateau rule after each epoch) against the original's loop with
+  `ReduceLROnPlateau(mode='max', factor=0.5, patience=1)`: two groups of different lrs,
+  the encoder's small enough that later halvings fall under the 1e-8 skip."""
+  m_aps = [0.1, 0.2, 0.2, 0.2, 0.3, 0.30002, 0.3, float('nan'), 0.29, 0.3, 0.31, 0.31,
+           0.31, 0.2, 0.2, 0.2, 0.2, 0.2]
+  lr, head_lr = 1e-7, 50
+  expected, epoch_end, after_step = _torch_run(
+      lr, head_lr, steps_per_epoch=spe, n_epochs=len(m_aps), warmup=warmup,
+      plateau_metrics=m_aps, patience=1)
+  bases = {ls.ENCODER: lr, ls.HEAD: lr * head_lr}
+  adaptive = ls.adaptive_init(bases)
+  device = {g: jnp.float32(b) for g, b in bases.items()}
+  got = {g: [] for g in bases}
+  for epoch, m_ap in enumerate(m_aps):
+    for g in bases:
+      got[g].append(_device_epoch(epoch * spe, device[g], base_lr=bases[g], warmup=warmup,
+                                  num_steps=spe))
+      assert got[g][-1][-1] == np.float32(ls.lr_at_epoch_end(
+          adaptive['lr'][g], epoch * spe, spe, bases[g], warmup))  # host and device agree
+    adaptive = ls.adaptive_epoch_end(adaptive, m_ap, first_step=epoch * spe, num_steps=spe,
+                                     base_lrs=bases, warmup=warmup, patience=1)
+    assert [adaptive['lr'][ls.ENCODER], adaptive['lr'][ls.HEAD]] == list(after_step[epoch])
+    device = {g: jnp.float32(v) for g, v in adaptive['lr'].items()}
+  for column, g in enumerate([ls.ENCODER, ls.HEAD]):
+    np.testing.assert_array_equal(np.concatenate(got[g]),
+                                  expected[:, column].astype(np.float32))
+  ratio = after_step / epoch_end  # 0.5 where the scheduler halved a group's lr
+  assert np.any((ratio[:, 1] == 0.5) & (ratio[:, 0] == 1))  # the encoder's halving skipped
+  assert after_step[-1, 0] == lr / 8  # 1.25e-8: halving it would change it by 6.25e-9
 
 
 class _Tiny(nnx.Module):

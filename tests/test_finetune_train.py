@@ -105,6 +105,33 @@ def test_finetuning_learns_logs_and_resumes(dataset, pretrained, tmp_path):
   np.testing.assert_array_equal(np.loadtxt(resumed / 'wa_result.csv'), wa_result)
 
 
+def test_adaptschedule_follows_the_map_and_resumes(dataset, pretrained, tmp_path):
+  """ReduceLROnPlateau on the validation mAP (the main metric being accuracy), patience 0:
+  result.csv's lr column is the plateau rule applied to the logged mAPs, and a run killed
+  mid-epoch 2 resumes with its plateau state and lr exactly."""
+  from ssast_jax.finetune import lr_schedule as ls  # pylint: disable=import-outside-toplevel
+  overrides = dict(adaptschedule=True, lr_patience=0, wa=False, head_lr=2.0)
+  full = tmp_path / 'full'
+  runs.run_main(flags(dataset, full, pretrained, **overrides))
+  evals = [r for r in runs.metric_rows(full) if 'eval/acc' in r]
+  bases = {ls.ENCODER: 1e-3, ls.HEAD: 2e-3}
+  adaptive, lrs = ls.adaptive_init(bases), []
+  for epoch, row in enumerate(evals):
+    lrs.append(adaptive['lr'][ls.ENCODER])
+    adaptive = ls.adaptive_epoch_end(adaptive, row['eval/mAP'], first_step=6 * epoch,
+                                     num_steps=6, base_lrs=bases, warmup=False, patience=0)
+  result = np.loadtxt(full / 'result.csv', delimiter=',')
+  np.testing.assert_array_equal(result[:, 9], np.float32(lrs))
+  assert lrs[2] == 5e-4  # the mAP did not improve by 1e-4 relative after epoch 2
+
+  resumed = tmp_path / 'resumed'
+  runs.run_main(flags(dataset, resumed, pretrained, max_steps=9, **overrides))
+  runs.run_main(flags(dataset, resumed, pretrained, **overrides))
+  assert runs.train_losses(resumed) == runs.train_losses(full)
+  assert [r for r in runs.metric_rows(resumed) if 'eval/acc' in r] == evals
+  np.testing.assert_array_equal(np.loadtxt(resumed / 'result.csv', delimiter=','), result)
+
+
 def test_bad_label_names_the_clip(pretrained, tmp_path):
   bad = write_dataset(tmp_path / 'bad', bad_label='/toy/unknown')
   result = runs.run_main(flags(bad, tmp_path / 'run', pretrained), check=False)
@@ -116,7 +143,8 @@ def test_bad_label_names_the_clip(pretrained, tmp_path):
 
 @pytest.mark.parametrize('key, value', [('loss', 'mse'), ('metrics', 'auc'), ('freqm', -1),
                                         ('mixup', 1.5), ('head_lr', 0), ('task', 'ft_x'),
-                                        ('lrscheduler_step', 0)])
+                                        ('lrscheduler_step', 0), ('adaptschedule', None),
+                                        ('lr_patience', -1)])
 def test_config_errors_name_the_key(key, value, tmp_path):
   config = default_config()
   config.pretrained = str(tmp_path)

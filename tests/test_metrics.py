@@ -95,6 +95,24 @@ def test_result_csv_uses_latest_train_values_and_nan_when_missing(tmp_path):
   assert _read(tmp_path / 'result.csv') == _expected_csv(expected)
 
 
+def test_result_csv_with_given_columns(tmp_path):
+  """`columns=` (as fine-tuning passes its own) instead of a pretraining task's."""
+  writer = metrics.MetricsWriter(str(tmp_path), columns=('eval/acc', 'train/loss', 'eval/x'),
+                                 enabled=True)
+  for step, values in [(10, {'train/loss': 2.0}), (10, {'eval/acc': 0.25}),
+                       (20, {'train/loss': 1.5}), (20, {'eval/acc': 0.5, 'eval/x': 3.0})]:
+    writer.write(step, values)
+  writer.close()
+  assert _read(tmp_path / 'result.csv') == _expected_csv([[0.25, 2.0, np.nan],
+                                                          [0.5, 1.5, 3.0]])
+
+
+@pytest.mark.parametrize('kwargs', [{}, {'task': 'pretrain_mpc', 'columns': ('train/lr',)}])
+def test_writer_needs_one_of_task_and_columns(tmp_path, kwargs):
+  with pytest.raises(ValueError, match='MetricsWriter needs one of task and columns'):
+    metrics.MetricsWriter(str(tmp_path), enabled=True, **kwargs)
+
+
 def _strip_timing(text):
   rows = [json.loads(line) for line in text.splitlines()]
   return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]

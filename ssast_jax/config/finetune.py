@@ -56,6 +56,11 @@ def default_config() -> ml_collections.ConfigDict:
   config.lrscheduler_start = 10  # MultiStepLR(range(start, 1000, step), gamma=decay)
   config.lrscheduler_step = 5
   config.lrscheduler_decay = 0.5
+  # The original's --adaptschedule: instead of MultiStepLR, ReduceLROnPlateau on the
+  # validation mAP (also when `metrics` is 'acc'): both groups' lrs halve once the mAP has
+  # not improved for more than `lr_patience` epochs in a row; warm-up still applies.
+  config.adaptschedule = False
+  config.lr_patience = 1  # epochs; the original's --lr_patience (run.py's default 1)
   config.max_steps = config_dict.placeholder(int)
 
   config.freqm = 0  # SpecAugment frequency / time mask widths (0: off)
@@ -98,6 +103,8 @@ class FinetuneSettings:
   lrscheduler_start: int
   lrscheduler_step: int
   lrscheduler_decay: float
+  adaptschedule: bool
+  lr_patience: int
   max_steps: int | None
   freqm: int
   timem: int
@@ -186,6 +193,8 @@ def resolve_finetune(config, check_data: bool = True) -> FinetuneSettings:
       lrscheduler_start=_int('lrscheduler_start', config.lrscheduler_start, 0),
       lrscheduler_step=_int('lrscheduler_step', config.lrscheduler_step, 1),
       lrscheduler_decay=decay,
+      adaptschedule=_bool('adaptschedule', config.adaptschedule),
+      lr_patience=_int('lr_patience', config.lr_patience, 0),
       max_steps=_int('max_steps', config.max_steps, 1, optional=True),
       freqm=freqm, timem=timem, mixup=float(mixup), noise=_bool('noise', config.noise),
       bal=bal, train_weights=train_weights, wa=wa, wa_start=wa_start, wa_end=wa_end,

@@ -25,6 +25,12 @@ original does, and `multistep_schedule`, a jit-able optax schedule of the whole 
 tabulated from those helpers (`lr_segments`), bit-equal to the original's lr at every step.
 The head group's schedule is the encoder's with `lr * head_lr` as the base (warm-up and
 decays act alike on both; only ReduceLROnPlateau's 1e-8 skip differs, per group).
+
+ReduceLROnPlateau depends on the validation mAP, so it cannot be tabulated: with it the
+lr in force is part of the training state (a float32 per group, warmed up in the jitted
+step, like pretraining's `state['lr']`), and the host keeps the float64 lrs and the
+plateau state (`adaptive_init`, `adaptive_epoch_end`, JSON for the checkpoint) from which
+it writes the state's lr after every epoch.
 """
 
 from __future__ import annotations
@@ -91,6 +97,24 @@ def plateau_epoch_end(plateau_state: dict, m_ap: float, lrs: dict, *,
     new_state, new_lrs[group] = schedule.plateau_step(plateau_state, m_ap, lr, mode='max',
                                                       patience=patience, factor=factor)
   return new_state, new_lrs
+
+
+def adaptive_init(base_lrs: dict) -> dict:
+  """The host state of `--adaptschedule` before the first epoch: the plateau state and
+  each group's lr (float64) in force, its base lr (`{group: lr}`); strict JSON."""
+  return {'plateau': schedule.plateau_init(), 'lr': {g: float(v) for g, v in base_lrs.items()}}
+
+
+def adaptive_epoch_end(adaptive: dict, m_ap: float, *, first_step: int, num_steps: int,
+                       base_lrs: dict, warmup: bool, patience: int) -> dict:
+  """The host state after the epoch of steps `first_step .. first_step + num_steps - 1`
+  and the original's `scheduler.step(mAP)`: each group's float64 lr is carried through
+  the epoch's warm-up stairs from `adaptive['lr']` (the lr after the previous epoch), then
+  `plateau_epoch_end` acts on all groups with the epoch's validation mAP."""
+  lrs = {g: lr_at_epoch_end(adaptive['lr'][g], first_step, num_steps, base, warmup)
+         for g, base in base_lrs.items()}
+  plateau, lrs = plateau_epoch_end(adaptive['plateau'], m_ap, lrs, patience=patience)
+  return {'plateau': plateau, 'lr': lrs}
 
 
 def lr_segments(base_lr: float, *, steps_per_epoch: int, n_epochs: int, warmup: bool,

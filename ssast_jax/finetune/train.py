@@ -7,7 +7,9 @@ through the label CSV (a bad label ends the run naming the clip), the classifier
 from the pretrained model (`finetune_model`), and the jitted step trains it. After every
 epoch the validation set gives mAP, mAUC, accuracy (`evaluation`), and the running mean of
 the epochs' predictions (the original's checkpoint ensemble) gives the `cum_` values;
-metrics go to metrics.jsonl, TensorBoard and result.csv (the original's columns). Orbax
+metrics go to metrics.jsonl, TensorBoard and result.csv (the original's columns). Then the
+lr steps: MultiStepLR is tabulated in the step; with `adaptschedule`, ReduceLROnPlateau on
+the mAP runs here (`adapt_lr`) and its state goes into the checkpoint's meta. Orbax
 checkpoints (the pretraining module's) keep the latest ones and the best by the main
 metric; re-running the same command resumes from the latest and repeats an uninterrupted
 run step for step.
@@ -28,9 +30,9 @@ from ssast_jax import api, data
 from ssast_jax.config.finetune import FinetuneSettings, check_devices, resolve_finetune
 from ssast_jax.config.settings import ConfigError
 from ssast_jax.data import convert
-from ssast_jax.finetune import augment, evaluation, labels as labels_lib
+from ssast_jax.finetune import augment, evaluation, labels as labels_lib, lr_schedule
 from ssast_jax.finetune.model import ClassifierHandle, classifier_from_params, finetune_model
-from ssast_jax.finetune.step import FinetuneStep, add_params, finetune_step
+from ssast_jax.finetune.step import FinetuneStep, add_params, base_lrs, finetune_step
 from ssast_jax.training import checkpoints, faults, metrics
 from ssast_jax.training import train as pretrain
 from ssast_jax.training.train import TrainingError, log, log_window
@@ -47,27 +49,6 @@ def result_columns(main_metric: str) -> tuple[str, ...]:
   return (f'eval/{main_metric}', 'eval/mAUC', 'eval/average_precision',
           'eval/average_recall', 'eval/d_prime', 'train/epoch_loss', 'eval/loss',
           f'eval/cum_{main_metric}', 'eval/cum_mAUC', 'train/lr')
-
-
-class FinetuneMetricsWriter(metrics.MetricsWriter):
-  """The pretraining MetricsWriter with the fine-tuning result.csv: one row per epoch
-  (every row holding eval/ values) in `result_columns` order, rebuilt from metrics.jsonl
-  on resume like the pretraining one."""
-
-  def __init__(self, workdir: str, *, main_metric: str, enabled: bool,
-               resume_step: int | None = None):
-    self._finetune_columns = result_columns(main_metric)
-    # The pretraining task only selects columns that `_track` below replaces.
-    super().__init__(workdir, task='pretrain_joint', enabled=enabled,
-                     resume_step=resume_step)
-
-  def _track(self, row: dict) -> bool:
-    self._latest_train.update({k: v for k, v in row.items() if k.startswith('train/')})
-    if not any(key.startswith('eval/') for key in row):
-      return False
-    values = {**self._latest_train, **row}
-    self._result_rows.append([values.get(c, math.nan) for c in self._finetune_columns])
-    return True
 
 
 def clip_targets(shards_dir: str, table: labels_lib.LabelTable) -> np.ndarray:
@@ -196,10 +177,25 @@ def weight_average(state: dict, handle: ClassifierHandle, splits,
   return stats
 
 
-def save(mngr, step: int, state: dict, position, workdir: str, best=None) -> None:
+def adapt_lr(state: dict, meta: dict, m_ap: float, epoch: int, settings: FinetuneSettings,
+             steps_per_epoch: int) -> tuple[dict, dict]:
+  """`--adaptschedule`: the original's `scheduler.step(mAP)` after `epoch` (1-based) on the
+  float64 lrs of `meta`; returns (state, meta) with the lrs in force for the next epoch in
+  both (the state's as float32)."""
+  adaptive = lr_schedule.adaptive_epoch_end(
+      meta['adaptive'], m_ap, first_step=(epoch - 1) * steps_per_epoch,
+      num_steps=steps_per_epoch, base_lrs=base_lrs(settings), warmup=settings.warmup,
+      patience=settings.lr_patience)
+  lrs = {group: jax.device_put(np.float32(lr), state['lr'][group].sharding)
+         for group, lr in adaptive['lr'].items()}
+  return {**state, 'lr': lrs}, {**meta, 'adaptive': adaptive}
+
+
+def save(mngr, step: int, state: dict, meta: dict, position, workdir: str,
+         best=None) -> None:
   """Starts checkpointing at `step`; CheckpointWriteError when this or the last save fails."""
   try:
-    checkpoints.save(mngr, step, state, {}, position, best)
+    checkpoints.save(mngr, step, state, meta, position, best)
   except Exception as error:  # orbax surfaces the previous async save's failure here too
     raise pretrain._write_error(error, workdir) from error  # pylint: disable=protected-access
 
@@ -241,12 +237,16 @@ def train_and_evaluate(config, workdir: str, verify_data: bool = False) -> dict:
                              best=(settings.best_metric, True))
   restored = checkpoints.restore_latest(mngr, setup.abstract_state,
                                         checkpoints.DataPosition(loader), 1)
+  # meta (JSON): with adaptschedule, the plateau state and the float64 lrs after the
+  # last epoch (`lr_schedule.adaptive_init`); nothing otherwise.
   start, state = 0, setup.state
+  meta = ({'adaptive': lr_schedule.adaptive_init(base_lrs(settings))}
+          if settings.adaptschedule else {})
   if restored is not None:
-    start, state, _ = restored
+    start, state, meta = restored
     log(f'resuming from the checkpoint at step {start}')
-  writer = FinetuneMetricsWriter(workdir, main_metric=settings.metrics, enabled=True,
-                                 resume_step=None if restored is None else start)
+  writer = metrics.MetricsWriter(workdir, columns=result_columns(settings.metrics),
+                                 enabled=True, resume_step=None if restored is None else start)
   log(f'fine-tuning {settings.task} on {table.num_labels} classes: {steps_per_epoch} steps '
       f'per epoch, {total_steps} steps')
 
@@ -282,7 +282,7 @@ def train_and_evaluate(config, workdir: str, verify_data: bool = False) -> dict:
         epoch = done // steps_per_epoch
         eval_metrics = validate(state, epoch, splits, settings, setup, val_targets, workdir)
         eval_metrics['train/epoch_loss'] = float(state['loss_sum']) / steps_per_epoch
-        eval_metrics['train/lr'] = float(setup.encoder_lr(done - 1))  # the epoch's last lr
+        eval_metrics['train/lr'] = setup.last_lr(state)
         state = {**state, 'loss_sum': jax.device_put(np.float32(0), state['loss_sum'].sharding)}
         if settings.wa and settings.wa_start <= epoch <= settings.wa_end:
           state['wa_sum'] = add_params(state['wa_sum'], state['params'])
@@ -290,12 +290,18 @@ def train_and_evaluate(config, workdir: str, verify_data: bool = False) -> dict:
         log(f'epoch {epoch} (step {done}): ' + ', '.join(
             f'{k[5:]} {eval_metrics[k]:.4f}' for k in ('eval/acc', 'eval/mAP', 'eval/mAUC',
                                                        'eval/loss')))
+        if settings.adaptschedule:  # on the mAP whatever the main metric, as the original
+          state, meta = adapt_lr(state, meta, eval_metrics['eval/mAP'], epoch, settings,
+                                 steps_per_epoch)
+          if setup.last_lr(state) != eval_metrics['train/lr']:
+            log(f'ReduceLROnPlateau after epoch {epoch}: encoder lr '
+                f'{setup.last_lr(state):.4g}')
         best = eval_metrics[settings.best_metric]
-        save(mngr, done, state, position, workdir,
+        save(mngr, done, state, meta, position, workdir,
              {settings.best_metric: best} if math.isfinite(best) else None)
       elif (preempted or done == total_steps or done % settings.checkpoint_every_steps == 0
             or mngr.should_save(done)):
-        save(mngr, done, state, position, workdir)
+        save(mngr, done, state, meta, position, workdir)
       if preempted:
         break
   finally:

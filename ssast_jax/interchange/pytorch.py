@@ -1,12 +1,15 @@
 """Import and export of the original PyTorch checkpoints (SPEC section 9).
 
-The mapping is one table, `_tensor_map`, read in both directions, so import and export
+The mapping is one table, `tensor_map`, read in both directions, so import and export
 cannot drift apart. torch is imported only inside the functions that read or write files.
+The public helpers below the table (geometry, shape checks, the conversion loops) are
+shared with the fine-tuned layout (`finetuned`), whose encoder maps the same way.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import re
 import tempfile
@@ -17,6 +20,8 @@ from ssast_jax.model import MODEL_SIZES, ModelConfig, abstract_model
 
 PREFIX = 'module.'
 UNUSED_HEAD_CLASSES = 1000  # timm's ImageNet heads v.head / v.head_dist, unused by SSAST
+# Their tensors, in the order the original's state dicts (of either layout) list them.
+UNUSED_HEADS = ('v.head.weight', 'v.head.bias', 'v.head_dist.weight', 'v.head_dist.bias')
 
 
 class CheckpointError(ValueError):
@@ -33,7 +38,7 @@ def _layer_norm(torch_name, path):
           (f'{torch_name}.bias', path + ('bias',), 'copy')]
 
 
-def _tensor_map(depth: int):
+def tensor_map(depth: int):
   """(torch name without prefix, parameter path, transform), in the original's key order."""
   entries = [('mask_embed', ('mask_embed',), 'copy'),
              ('v.cls_token', ('cls_token',), 'copy'),
@@ -60,29 +65,49 @@ def _head_map():
           for entry in _linear(f'{torch_head}.{layer}', (jax_head, part))]
 
 
-_UNUSED_HEADS = {f'{head}.{part}' for head in ('v.head', 'v.head_dist')
-                 for part in ('weight', 'bias')}
-
-
-def _unused_head_shape(name: str, config: ModelConfig) -> tuple:
+def _unused_head_shape(name: str, config) -> tuple:
   return ((UNUSED_HEAD_CLASSES, config.embed_dim) if name.endswith('weight')
           else (UNUSED_HEAD_CLASSES,))
+
+
+def unused_heads(arrays: dict, config) -> dict:
+  """timm's unused head tensors present with their expected shape, to be written back."""
+  return {k: arrays[k] for k in UNUSED_HEADS
+          if k in arrays and arrays[k].shape == _unused_head_shape(k, config)}
+
+
+def unused_head_arrays(extras: dict, config) -> 'collections.OrderedDict':
+  """The unused heads' prefixed state-dict entries: from `extras`, else zeros."""
+  out = collections.OrderedDict()
+  for name in UNUSED_HEADS:
+    value = extras.get(name)
+    out[PREFIX + name] = (np.asarray(value, np.float32) if value is not None
+                          else np.zeros(_unused_head_shape(name, config), np.float32))
+  return out
+
+
+def torch_shapes(entries, params, config) -> dict[str, tuple]:
+  """{torch name: shape} of the tensor-map `entries` for the parameter tree `params` of
+  `config` (abstract arrays suffice): the shapes derived from the model itself."""
+  import jax
+  shapes = {}
+  for torch_name, path, transform in entries:
+    to_torch = functools.partial(_to_torch, transform=transform, config=config)
+    shapes[torch_name] = jax.eval_shape(
+        to_torch, jax.ShapeDtypeStruct(_get_path(params, path).shape, 'float32')).shape
+  return shapes
 
 
 def _expected_shapes(config: ModelConfig) -> dict[str, tuple]:
   """Torch tensor shapes of a checkpoint of `config`, derived from the model itself."""
   from flax import nnx
-  import jax
   params = nnx.to_pure_dict(abstract_model(config)[1])
-  shapes = {'p_input_fdim': (), 'p_input_tdim': ()}
-  for torch_name, path, transform in _tensor_map(config.depth) + _head_map():
-    shape = _get_path(params, path).shape
-    shapes[torch_name] = jax.eval_shape(
-        lambda v: _to_torch(v, transform, config), jax.ShapeDtypeStruct(shape, 'float32')).shape
-  return shapes
+  return {'p_input_fdim': (), 'p_input_tdim': (),
+          **torch_shapes(tensor_map(config.depth) + _head_map(), params, config)}
 
 
-def _load_state_dict(path) -> dict[str, np.ndarray]:
+def load_state_dict(path) -> dict[str, np.ndarray]:
+  """The tensors of a PyTorch state dict file as numpy arrays, `module.` stripped."""
   import torch  # only here: reading a PyTorch file
   try:
     state = torch.load(os.fspath(path), map_location='cpu', weights_only=True)
@@ -103,12 +128,13 @@ def _load_state_dict(path) -> dict[str, np.ndarray]:
   return arrays
 
 
-def _infer_config(arrays: dict[str, np.ndarray], path) -> ModelConfig:
-  """Size, depth, heads, patch shape and pretraining input size, read off the tensors."""
-  needed = ('v.cls_token', 'v.patch_embed.proj.weight', 'p_input_fdim', 'p_input_tdim')
+def encoder_geometry(arrays: dict[str, np.ndarray], path, needed, layout: str) -> dict:
+  """Width, heads, depth and patch shape read off the encoder tensors (ModelConfig
+  keywords). `needed`: the tensors the layout cannot do without (the class token and the
+  patch conv among them); `layout` names it in the CheckpointError."""
   missing = [k for k in needed if k not in arrays]
   if missing:
-    raise CheckpointError(f'{path}: not an SSAST pretraining checkpoint; missing '
+    raise CheckpointError(f'{path}: not an SSAST {layout} checkpoint; missing '
                           + ', '.join(PREFIX + k for k in missing))
   dim = int(arrays['v.cls_token'].shape[-1])
   depth = len({m.group(1) for k in arrays if (m := re.match(r'v\.blocks\.(\d+)\.', k))})
@@ -116,23 +142,32 @@ def _infer_config(arrays: dict[str, np.ndarray], path) -> ModelConfig:
   if conv.ndim != 4:
     raise CheckpointError(f'{path}: {PREFIX}v.patch_embed.proj.weight has shape '
                           f'{tuple(conv.shape)}, expected (D, 1, fshape, tshape)')
-  fshape, tshape = int(conv.shape[2]), int(conv.shape[3])
   heads = {d: h for d, h in MODEL_SIZES.values()}.get(dim, max(dim // 64, 1))
-  return ModelConfig(embed_dim=dim, num_heads=heads, depth=depth, fshape=fshape,
-                     tshape=tshape, fstride=fshape, tstride=tshape,
+  return dict(embed_dim=dim, num_heads=heads, depth=depth, fshape=int(conv.shape[2]),
+              tshape=int(conv.shape[3]))
+
+
+def _infer_config(arrays: dict[str, np.ndarray], path) -> ModelConfig:
+  """Size, depth, heads, patch shape and pretraining input size, read off the tensors."""
+  geometry = encoder_geometry(
+      arrays, path, ('v.cls_token', 'v.patch_embed.proj.weight', 'p_input_fdim',
+                     'p_input_tdim'), 'pretraining')
+  return ModelConfig(**geometry, fstride=geometry['fshape'], tstride=geometry['tshape'],
                      input_fdim=int(arrays['p_input_fdim']),
                      input_tdim=int(arrays['p_input_tdim']))
 
 
-def _check_tensors(arrays, config: ModelConfig, path) -> None:
+def check_tensors(arrays, shapes: dict[str, tuple], path, layout: str, config) -> None:
+  """CheckpointError listing every tensor of `shapes` that `arrays` lacks or has in
+  another shape; `layout` and the inferred `config` are named in the message."""
   problems = []
-  for name, shape in _expected_shapes(config).items():
+  for name, shape in shapes.items():
     if name not in arrays:
       problems.append(f'missing {PREFIX}{name}')
     elif tuple(arrays[name].shape) != shape:
       problems.append(f'{PREFIX}{name} has shape {tuple(arrays[name].shape)}, expected {shape}')
   if problems:
-    raise CheckpointError(f'{path}: not an SSAST pretraining checkpoint of the inferred '
+    raise CheckpointError(f'{path}: not an SSAST {layout} checkpoint of the inferred '
                           f'geometry {config}: ' + '; '.join(problems))
 
 
@@ -164,42 +199,51 @@ def _get_path(tree, path):
   return tree
 
 
-def params_from_state_dict(arrays: dict[str, np.ndarray], config: ModelConfig) -> dict:
-  """Nested parameter dict (the layout of `nnx.to_pure_dict`) from unprefixed tensors."""
+def params_from_arrays(arrays: dict[str, np.ndarray], entries, config) -> dict:
+  """Nested parameter dict (the layout of `nnx.to_pure_dict`) of the tensor-map `entries`
+  from unprefixed tensors, float32."""
   params = {}
-  for torch_name, path, transform in _tensor_map(config.depth) + _head_map():
+  for torch_name, path, transform in entries:
     value = _to_jax(arrays[torch_name], transform, config)
     _set_path(params, path, np.ascontiguousarray(value, dtype=np.float32))
   return params
 
 
+def torch_arrays(params, entries, config) -> 'collections.OrderedDict':
+  """The prefixed state-dict entries of the tensor-map `entries`, in their order, float32."""
+  out = collections.OrderedDict()
+  for torch_name, path, transform in entries:
+    value = np.asarray(_get_path(params, path), np.float32)
+    out[PREFIX + torch_name] = np.ascontiguousarray(_to_torch(value, transform, config))
+  return out
+
+
+def params_from_state_dict(arrays: dict[str, np.ndarray], config: ModelConfig) -> dict:
+  """Nested parameter dict (the layout of `nnx.to_pure_dict`) from unprefixed tensors."""
+  return params_from_arrays(arrays, tensor_map(config.depth) + _head_map(), config)
+
+
+def read_state_dict(arrays: dict[str, np.ndarray], path):
+  """(config, params, unused-head tensors) of the tensors of a pretraining checkpoint
+  (`load_state_dict`), checked against the geometry they imply; `path` for messages."""
+  config = _infer_config(arrays, path)
+  check_tensors(arrays, _expected_shapes(config), path, 'pretraining', config)
+  return config, params_from_state_dict(arrays, config), unused_heads(arrays, config)
+
+
 def read_checkpoint(path):
   """(config, params, unused-head tensors) of an original SSAST pretraining checkpoint."""
-  arrays = _load_state_dict(path)
-  config = _infer_config(arrays, path)
-  _check_tensors(arrays, config, path)
-  extras = {k: arrays[k] for k in _UNUSED_HEADS
-            if k in arrays and arrays[k].shape == _unused_head_shape(k, config)}
-  return config, params_from_state_dict(arrays, config), extras
+  return read_state_dict(load_state_dict(path), path)
 
 
 def state_dict_arrays(params, config: ModelConfig, extras=None) -> 'collections.OrderedDict':
   """The original's state dict as numpy arrays (prefixed keys, original order and dtypes)."""
-  extras = extras or {}
   out = collections.OrderedDict()
   out[PREFIX + 'p_input_fdim'] = np.asarray(config.input_fdim, np.int64)
   out[PREFIX + 'p_input_tdim'] = np.asarray(config.input_tdim, np.int64)
-  def add(entries):
-    for torch_name, path, transform in entries:
-      value = np.asarray(_get_path(params, path), np.float32)
-      out[PREFIX + torch_name] = np.ascontiguousarray(_to_torch(value, transform, config))
-
-  add(_tensor_map(config.depth))
-  for name in sorted(_UNUSED_HEADS, key=lambda n: (n.count('dist'), n.endswith('bias'))):
-    value = extras.get(name)
-    out[PREFIX + name] = (np.asarray(value, np.float32) if value is not None
-                          else np.zeros(_unused_head_shape(name, config), np.float32))
-  add(_head_map())
+  out.update(torch_arrays(params, tensor_map(config.depth), config))
+  out.update(unused_head_arrays(extras or {}, config))
+  out.update(torch_arrays(params, _head_map(), config))
   return out
 
 

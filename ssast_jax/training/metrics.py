@@ -82,17 +82,22 @@ def _kept_lines(path: str, resume_step: int) -> list[str]:
 class MetricsWriter:
   """Appends metric rows to WORKDIR/metrics.jsonl, TensorBoard and result.csv.
 
-  `task` selects result.csv's columns (RESULT_COLUMNS). `resume_step=None` starts new logs
-  (existing ones are replaced); an integer keeps the rows with step <= resume_step, rebuilds
-  result.csv from them and hides later TensorBoard events.
+  result.csv's columns are the metric names `columns`, or those of a pretraining `task`
+  (RESULT_COLUMNS); give one of the two. `resume_step=None` starts new logs (existing ones
+  are replaced); an integer keeps the rows with step <= resume_step, rebuilds result.csv
+  from them and hides later TensorBoard events.
   """
 
-  def __init__(self, workdir: str, *, task: str, enabled: bool, resume_step: int | None = None):
+  def __init__(self, workdir: str, *, task: str | None = None,
+               columns: tuple[str, ...] | None = None, enabled: bool,
+               resume_step: int | None = None):
+    if (task is None) == (columns is None):
+      raise ValueError('MetricsWriter needs one of task and columns')
     self._enabled = enabled
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._columns = RESULT_COLUMNS[task]
+    self._columns = RESULT_COLUMNS[task] if columns is None else tuple(columns)
     self._result_path = os.path.join(workdir, RESULT_FILE)
     self._latest_train = {}
     self._result_rows = []
