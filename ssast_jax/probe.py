@@ -32,8 +32,8 @@ Clips whose features cannot be had (missing, unreadable, wrong shape) are skippe
 (the original's dataloader would stop); bad labels, files or flags end the command with one
 line `error: ...` and exit code 2. The result JSON (printed, and written to `--out`) holds
 `acc`, `mAP`, `kind`, `multi_label`, `l2` (the penalty used), `num_train`, `num_val`,
-`feature_dim`, `skipped` (per split) and the `mean`, `std` used. Pretraining calls
-`clip_embeddings` and `probe` directly.
+`feature_dim`, `skipped` (per split) and the `mean`, `std` used. Pretraining's probe
+(`probe.train_json`, docs/training.md) uses `load_split` and `probe` of this module.
 """
 
 from __future__ import annotations
@@ -191,40 +191,36 @@ def probe(model, train_x, train_y, val_x, val_y, kind: str = 'logistic', seed: i
           'num_val': len(val_x), 'feature_dim': int(train_x.shape[1])}
 
 
-def _normalised(fbank, length: int, mean: float, std: float) -> np.ndarray:
+def normalised(fbank, length: int, mean: float, std: float) -> np.ndarray:
   """The original dataloader's input: zero frames appended or frames cut to `length`,
   then `(x - mean) / (2 * std)`."""
   fbank = np.pad(fbank[:length], ((0, max(0, length - len(fbank))), (0, 0)))
   return (fbank - mean) / (2 * std)
 
 
-def _targets(json_path, table):
-  """(entries, multi-hot targets (N, K)) of a dataset JSON, every clip's labels checked."""
+def labelled_entries(json_path, table: labels.LabelTable):
+  """(entries `[(wav, labels)]`, multi-hot targets `(N, K)`) of a dataset JSON; a bad label
+  raises `labels.LabelError` naming the clip."""
   entries = convert.read_entries(Path(json_path))
   return entries, labels.multi_hot_batch([lab for _, lab in entries],
                                          [wav for wav, _ in entries], table)
 
 
-def _split_features(model, split: str, entries, source: str, root, mean, std,
-                    batch_size: int):
-  """(clip features (N, D), the rows of `entries` they are of) of one split's clips that
-  have features; the clips skipped are reported on stderr."""
-  config = model.config
-  kept, clips, feats, skipped = [], [], [], collections.Counter()
+def split_clips(split: str, entries, source: str, root, num_mel_bins: int, length: int,
+                mean: float, std: float):
+  """Yields `(row, clip)`: each clip of `entries` that has features (`source` is
+  `sources.PT` or `sources.AUDIO`, read from `root`), `normalised` to `length` frames, with
+  its row in `entries`. At the end the clips skipped are reported on stderr; ValueError
+  when none had features."""
+  kept, skipped = 0, collections.Counter()
   for row, (wav, _) in enumerate(entries):
     try:
-      fbank = sources.load_clip(source, sources.clip_path(source, root, wav),
-                                config.input_fdim)
+      fbank = sources.load_clip(source, sources.clip_path(source, root, wav), num_mel_bins)
     except sources.SkippedClip as e:
       skipped[e.reason] += 1
       continue
-    kept.append(row)
-    clips.append(_normalised(fbank, config.input_tdim, mean, std))
-    if len(clips) == batch_size:
-      feats.append(clip_embeddings(model, np.stack(clips), batch_size))
-      clips = []
-  if clips:
-    feats.append(clip_embeddings(model, np.stack(clips), batch_size))
+    kept += 1
+    yield row, normalised(fbank, length, mean, std).astype(np.float32)
   if skipped:
     reasons = ', '.join(f'{n} {reason}' for reason, n in sorted(skipped.items()))
     print(f'{split}: skipped {sum(skipped.values())} of {len(entries)} clips ({reasons})',
@@ -232,6 +228,33 @@ def _split_features(model, split: str, entries, source: str, root, mean, std,
   if not kept:
     raise ValueError(f'{split}: none of the {len(entries)} clips has usable features in '
                      f'{root}')
+
+
+def load_split(split: str, json_path, table: labels.LabelTable, source: str, root,
+               num_mel_bins: int, length: int, mean: float, std: float):
+  """(normalised clips `(N, length, num_mel_bins)` float32, targets `(N, K)`) of the clips
+  of a dataset JSON that have features (`split_clips`), all in memory."""
+  entries, targets = labelled_entries(json_path, table)
+  rows, clips = zip(*split_clips(split, entries, source, root, num_mel_bins, length, mean,
+                                 std))
+  return np.stack(clips), targets[list(rows)]
+
+
+def _split_features(model, split: str, entries, source: str, root, mean, std,
+                    batch_size: int):
+  """(clip features (N, D), the rows of `entries` they are of) of one split's clips that
+  have features, embedded `batch_size` clips at a time."""
+  config = model.config
+  kept, clips, feats = [], [], []
+  for row, clip in split_clips(split, entries, source, root, config.input_fdim,
+                               config.input_tdim, mean, std):
+    kept.append(row)
+    clips.append(clip)
+    if len(clips) == batch_size:
+      feats.append(clip_embeddings(model, np.stack(clips), batch_size))
+      clips = []
+  if clips:
+    feats.append(clip_embeddings(model, np.stack(clips), batch_size))
   return np.concatenate(feats), kept
 
 
@@ -271,7 +294,8 @@ def run(args) -> dict:
   if args.batch_size < 1:
     raise ValueError(f'--batch_size must be >= 1, got {args.batch_size}')
   table = labels.load_label_table(args.label_csv)
-  splits = {split: _targets(getattr(args, f'{split}_json'), table) for split in ('train', 'val')}
+  splits = {split: labelled_entries(getattr(args, f'{split}_json'), table)
+            for split in ('train', 'val')}
   model, mean, std = _load(args)
   data, skipped = [], {}
   for split, (entries, targets) in splits.items():

@@ -17,6 +17,37 @@ from ssast_jax.config import defaults
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TIME_KEYS = ('train/clips_per_s', 'train/data_wait_ms')
+MIDS = ('/m/a', '/m/b', '/m/c')  # the classes of write_labelled_clips
+
+
+def write_label_csv(path):
+  """The index,mid,display_name CSV of MIDS at `path`."""
+  path.write_text('index,mid,display_name\n' +
+                  ''.join(f'{i},{mid},"class {i}"\n' for i, mid in enumerate(MIDS)))
+  return path
+
+
+def write_labelled_clips(root, split, count, seed, missing=()):
+  """`count` labelled `.pt` clips of 40..90 frames x 64 bins (padded or cut to 64) under
+  `root/SPLIT_pt` and their JSON `root/SPLIT.json`; clip i is of class i % 3 (MIDS), with
+  the bins `5c..5c+4` of every 16-bin patch row raised: a patch-level pattern, since a
+  clip feature averages the patch tokens over position. The JSON also lists the `missing`
+  wavs, which have no `.pt` file. Returns (JSON path, .pt folder)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(seed)
+  pt_dir = root / f'{split}_pt'
+  pt_dir.mkdir()
+  entries = []
+  for i in range(count):
+    label = i % 3
+    fbank = rng.normal(-5, 1, (int(rng.integers(40, 90)), 64)).astype(np.float32)
+    fbank[:, (np.arange(64) % 16) // 5 == label] += 4
+    torch.save(torch.from_numpy(fbank), pt_dir / f'{split}{i}.pt')
+    entries.append({'wav': f'/audio/{split}{i}.wav', 'labels': MIDS[label]})
+  entries += [{'wav': wav, 'labels': MIDS[0]} for wav in missing]
+  json_path = root / f'{split}.json'
+  json_path.write_text(json.dumps({'data': entries}))
+  return json_path, pt_dir
 
 
 def tiny_config(**overrides):

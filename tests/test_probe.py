@@ -2,22 +2,22 @@
 multi-label path, and the command end to end on `.pt` clips with a tiny random model (64 mel
 bins, 64 frames: a 4 x 4 grid of 16 x 16 patches)."""
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 import soundfile
-import torch
 
 import ssast_jax
 from ssast_jax import probe
 from ssast_jax.config.settings import resolve
-from ssast_jax.training import checkpoints, metrics
+from ssast_jax.model import abstract_model
+from ssast_jax.training import checkpoints, metrics, probing, sharding
 from ssast_jax.training.state import init_state
-from runs import tiny_config
+from runs import MIDS, tiny_config, write_label_csv, write_labelled_clips
 
 CONFIG = ssast_jax.ModelConfig.from_size('tiny', depth=1, input_tdim=64, input_fdim=64)
-MIDS = ('/m/a', '/m/b', '/m/c')
 
 
 def separable(n, seed, classes=4, dim=24):
@@ -57,37 +57,14 @@ def test_bad_arguments():
     probe.probe(None, x, y[:4], x, y)
 
 
-def write_dataset(root, split, count, seed, missing=()):
-  """`count` clips of 40..90 frames (padded or cut to 64), clip i of class i % 3 with the
-  bins `5c..5c+4` of every 16-bin patch row raised: a patch-level pattern, since the clip
-  feature averages the patch tokens over position. The JSON also lists the `missing` wavs,
-  which have no `.pt` file."""
-  rng = np.random.default_rng(seed)
-  pt_dir = root / f'{split}_pt'
-  pt_dir.mkdir()
-  entries = []
-  for i in range(count):
-    label = i % 3
-    fbank = rng.normal(-5, 1, (int(rng.integers(40, 90)), 64)).astype(np.float32)
-    fbank[:, (np.arange(64) % 16) // 5 == label] += 4
-    torch.save(torch.from_numpy(fbank), pt_dir / f'{split}{i}.pt')
-    entries.append({'wav': f'/audio/{split}{i}.wav', 'labels': MIDS[label]})
-  entries += [{'wav': wav, 'labels': MIDS[0]} for wav in missing]
-  json_path = root / f'{split}.json'
-  json_path.write_text(json.dumps({'data': entries}))
-  return json_path, pt_dir
-
-
 @pytest.fixture(scope='module')
 def dataset(tmp_path_factory):
   root = tmp_path_factory.mktemp('probe')
   model = root / 'tiny.pth'
   ssast_jax.to_pytorch(ssast_jax.create_model(CONFIG, seed=3), str(model))
-  csv = root / 'labels.csv'
-  csv.write_text('index,mid,display_name\n' +
-                 ''.join(f'{i},{mid},"class {i}"\n' for i, mid in enumerate(MIDS)))
-  train_json, train_pt = write_dataset(root, 'train', 24, 1, missing=('gone.wav',))
-  val_json, val_pt = write_dataset(root, 'val', 12, 2)
+  csv = write_label_csv(root / 'labels.csv')
+  train_json, train_pt = write_labelled_clips(root, 'train', 24, 1, missing=('gone.wav',))
+  val_json, val_pt = write_labelled_clips(root, 'val', 12, 2)
   return {'root': root, 'flags': [f'--model={model}', f'--train_json={train_json}',
                                   f'--val_json={val_json}', f'--label_csv={csv}',
                                   f'--train_pt_dir={train_pt}', f'--val_pt_dir={val_pt}',
@@ -171,3 +148,65 @@ def test_command_on_a_workdir(dataset, tmp_path, capsys):
   probe.main(flags + [f'--model={tmp_path}', '--kind=ridge', '--mean=-1', '--std=2',
                       f'--out={tmp_path / "b.json"}'])
   assert json.loads(capsys.readouterr().out)['mean'] == -1.0
+
+
+def _pretraining_settings(dataset, **overrides):
+  """Tiny pretraining settings (64 x 64 inputs) whose probe reads the fixture's clips."""
+  root = dataset['root']
+  keys = {'probe__train_json': str(root / 'train.json'),
+          'probe__val_json': str(root / 'val.json'),
+          'probe__train_pt_dir': str(root / 'train_pt'),
+          'probe__val_pt_dir': str(root / 'val_pt'),
+          'probe__label_csv': str(root / 'labels.csv'), 'batch_size': 4}
+  return resolve(tiny_config(**{**keys, **overrides}), check_data=False)
+
+
+def test_pretraining_probe_is_the_commands_probe(dataset, capsys):
+  """Inside pretraining: the same clips (padded/cut to target_length, normalised with the
+  run's statistics), the same features as `embed` and the same fit as the command."""
+  settings = _pretraining_settings(dataset, seed=2)
+  graphdef, _ = abstract_model(settings.model)
+  params = init_state(settings.model, 4, settings.optim.lr)['params']
+  pretraining = probing.PretrainingProbe(settings, graphdef, sharding.make_mesh(), -5.0, 2.0)
+  assert pretraining.clip_counts == (24, 12)
+  assert 'probe.train_json: skipped 1 of 25 clips (1 missing)' in capsys.readouterr().err
+  beats = []
+  got = pretraining(params, beat=lambda: beats.append(1))
+  assert len(beats) == 6 + 3 + 1  # batches of 4 (micro_batch_size), then the fit
+  handle = ssast_jax.ModelHandle(settings.model, graphdef, params)
+  pth = dataset['root'] / 'probe_params.pth'
+  ssast_jax.to_pytorch(handle, str(pth))
+  flags = [f for f in dataset['flags'] if not f.startswith('--model')]
+  probe.main(flags + [f'--model={pth}', '--mean=-5', '--std=2',
+                      f'--out={dataset["root"] / "same.json"}'])
+  expected = json.loads(capsys.readouterr().out)
+  assert got == {'probe/acc': expected['acc'], 'probe/map': expected['mAP']}
+  assert got['probe/acc'] >= 0.75  # chance 1/3
+  train_clips = pretraining._splits[0][0]  # pylint: disable=protected-access
+  np.testing.assert_allclose(pretraining.clip_features(params, train_clips[:5]),
+                             np.asarray(ssast_jax.embed(handle, train_clips[:5])['clip']),
+                             atol=1e-5)
+
+
+def test_pretraining_probe_schedule():
+  settings = resolve(tiny_config(probe__train_json='t.json', probe__val_json='v.json',
+                                 probe__audio=True, probe__label_csv='l.csv',
+                                 epoch_iter=10), check_data=False)
+  due = [step for step in range(26) if probing.is_due(settings, step, 25)]
+  assert due == [0, 10, 20, 25]  # probe_every 0: at each validation, and the last step
+  every_4 = dataclasses.replace(settings, probe=dataclasses.replace(settings.probe, every=4))
+  assert [s for s in range(11) if probing.is_due(every_4, s, 10)] == [0, 4, 8, 10]
+  off = resolve(tiny_config(), check_data=False)
+  assert not any(probing.is_due(off, step, 25) for step in range(26))
+
+
+def test_pretraining_probe_bad_label_names_the_json_and_clip(dataset, tmp_path):
+  bad = tmp_path / 'val.json'
+  bad.write_text(json.dumps({'data': [{'wav': 'x/odd.wav', 'labels': '/m/nope'}]}))
+  settings = _pretraining_settings(dataset, probe__val_json=str(bad))
+  graphdef, _ = abstract_model(settings.model)
+  with pytest.raises(probing.ProbeDataError) as error:
+    probing.PretrainingProbe(settings, graphdef, sharding.make_mesh(), -5.0, 2.0)
+  message = str(error.value)
+  assert message.startswith(f'probe.val_json {bad}: ') and "'x/odd.wav'" in message
+  assert '/m/nope' in message and '\n' not in message

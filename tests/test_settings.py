@@ -240,3 +240,45 @@ def test_main_cluster_detection_counts_slurm_tasks():
                            cwd=ROOT, env=env, check=True).stdout.strip()
             for env in (base, {**base, **slurm})]
   assert counts == ['1', '4']
+
+
+def _probe_config(data_dir, **overrides):
+  """A config whose probe reads the data JSONs and .pt folders with a label CSV."""
+  csv = _write(data_dir / 'labels.csv', 'index,mid,display_name\n0,/m/09x0r,"Speech"\n')
+  probe = {'probe__train_json': str(data_dir / 'train.json'),
+           'probe__val_json': str(data_dir / 'val.json'),
+           'probe__train_pt_dir': str(data_dir / 'train_pt'),
+           'probe__val_pt_dir': str(data_dir / 'val_pt'), 'probe__label_csv': csv}
+  return _config(data_dir, **{**probe, **overrides})
+
+
+def test_probe_is_off_by_default_and_resolves_when_given(data_dir):
+  assert not resolve(_config(data_dir)).probe.enabled
+  settings = resolve(_probe_config(data_dir, probe_every=250)).probe
+  assert (settings.enabled, settings.kind, settings.every) == (True, 'logistic', 250)
+  # The label CSV falls back to data.label_csv.
+  config = _probe_config(data_dir, probe__label_csv='',
+                         data__label_csv=str(data_dir / 'labels.csv'))
+  assert resolve(config).probe.label_csv == str(data_dir / 'labels.csv')
+  audio = _probe_config(data_dir, probe__audio=True, probe__train_pt_dir='',
+                        probe__val_pt_dir='', probe__audio_root=str(data_dir))
+  assert resolve(audio).probe.audio
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'probe__val_json': ''}, 'probe.train_json and probe.val_json go together'),
+    ({'probe__kind': 'svm'}, "probe.kind must be one of logistic, ridge; got 'svm'"),
+    ({'probe_every': -1}, 'probe_every must be an integer >= 0 (0: at each validation); got -1'),
+    ({'probe__label_csv': ''}, 'probe.train_json is set but there is no label CSV'),
+    ({'probe__val_pt_dir': ''}, 'probe.val_pt_dir is empty: give the folder of the val'),
+    ({'probe__audio': True}, 'probe.train_pt_dir is set with probe.audio=True'),
+    ({'probe__audio_root': '/tmp'}, 'probe.audio_root is only for probe.audio=True'),
+    ({'probe__train_json': '/nowhere/train.json'}, 'probe.train_json: file not found: '),
+    ({'probe__train_pt_dir': '/nowhere'}, 'probe.train_pt_dir: not a directory: /nowhere'),
+    ({'probe__train_json': '', 'probe__val_json': ''},
+     'probe.train_pt_dir is set but probe.train_json is empty'),
+])
+def test_bad_probe_keys_name_their_key(data_dir, overrides, message):
+  with pytest.raises(ConfigError) as error:
+    resolve(_probe_config(data_dir, **overrides))
+  assert str(error.value).startswith(message)

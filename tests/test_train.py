@@ -185,3 +185,22 @@ def test_audio_inputs_are_converted_and_trained_on(tmp_path):
   manifest = json.loads((tmp_path / 'shards' / 'train' / 'manifest.json').read_text())
   assert manifest['num_clips'] == 24 and manifest['num_mel_bins'] == 64
   assert sorted(train_losses(workdir)) == [1, 2]
+
+
+def test_probe_in_pretraining_logs_its_curve_and_leaves_training_unchanged(
+    dataset, reference_run, tmp_path):
+  """`probe.*` set: probe rows at step 0, every `probe_every` steps and the last step, and
+  the same training losses as the run without the probe."""
+  from runs import write_label_csv, write_labelled_clips  # pylint: disable=import-outside-toplevel
+  train_json, train_pt = write_labelled_clips(tmp_path, 'train', 24, seed=2)
+  val_json, val_pt = write_labelled_clips(tmp_path, 'val', 12, seed=3)
+  probe_flags = {'probe.train_json': train_json, 'probe.val_json': val_json,
+                 'probe.train_pt_dir': train_pt, 'probe.val_pt_dir': val_pt,
+                 'probe.label_csv': write_label_csv(tmp_path / 'labels.csv'),
+                 'probe_every': 5}
+  workdir = tmp_path / 'run'
+  run_main(tiny_run_flags(dataset, workdir, **probe_flags))
+  rows = [r for r in metric_rows(workdir) if 'probe/acc' in r]
+  assert [r['step'] for r in rows] == [0, 5, 10, 15, 18]
+  assert all(0 <= r['probe/acc'] <= 1 and 0 < r['probe/map'] <= 1 for r in rows)
+  assert train_losses(workdir) == train_losses(reference_run)

@@ -8,6 +8,8 @@ every key; `settings.resolve` validates them.
 import ml_collections
 from ml_collections import config_dict
 
+from ssast_jax.config import probing
+
 
 def get_config() -> ml_collections.ConfigDict:
   """SSAST-Base-Patch-400 joint pretraining with the seed run's data statistics."""
@@ -73,6 +75,11 @@ def get_config() -> ml_collections.ConfigDict:
   # At each validation, draw one validation clip's mask, reconstruction and MPC hits to
   # TensorBoard (`val/clip`; single-process runs).
   config.eval_picture = True
+  # A linear probe of the frozen encoder on labelled clips, logged as probe/acc and
+  # probe/map at step 0, every probe_every steps (0: at each validation) and at the end;
+  # off while probe.train_json is empty (config/probing.py, docs/training.md).
+  config.probe = probing.default_config()
+  config.probe_every = 0
   config.seed = 0
   config.nan_policy = 'stop'
 

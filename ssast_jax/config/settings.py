@@ -17,7 +17,7 @@ import json
 import math
 import os
 
-from ssast_jax.config import defaults
+from ssast_jax.config import defaults, probing
 from ssast_jax.data.shards import MANIFEST_NAME, STORED_DTYPES
 from ssast_jax.model import MODEL_SIZES, REMAT_POLICIES, ModelConfig, patch_count
 from ssast_jax.objective import masking
@@ -107,6 +107,7 @@ class Settings:
   objective: ObjectiveSettings
   optim: OptimSettings
   run: RunSettings
+  probe: probing.ProbeSettings
   config_json: str = dataclasses.field(compare=False, repr=False)
 
   @property
@@ -150,7 +151,8 @@ def resolve(config, check_data: bool = True, allow_unknown: bool = False) -> Set
   objective = _objective_settings(config, model)
   optim, run = _optim_settings(config), _run_settings(config)
   data = _data_settings(config, check_data)
-  return Settings(model, data, objective, optim, run,
+  probe = probing.probe_settings(config, check_data, _require)
+  return Settings(model, data, objective, optim, run, probe,
                   config.to_json_best_effort(sort_keys=True))
 
 

@@ -22,15 +22,19 @@ import grain
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from ssast_jax.config import probing
+
 CONFIG_FILE = 'config.json'
 # Keys that may change between a run and its resumption: they change the run's length, its
-# logging, where the data are read from, or (like the device count) float rounding only.
+# logging (the probe included), where the data are read from, or (like the device count)
+# float rounding only.
 RESUMABLE_CHANGES = frozenset({
     'max_steps', 'num_epochs', 'checkpoint_every_steps', 'keep_checkpoints',
     'print_every_steps', 'profile_steps', 'data.train_json', 'data.train_pt_dir',
     'data.val_json', 'data.val_pt_dir', 'data.label_csv', 'data.shards_dir', 'fsdp',
     'data.audio_root',
-    'remat', 'remat_policy', 'grad_accum_steps', 'checkpoint_every_minutes', 'eval_picture'})
+    'remat', 'remat_policy', 'grad_accum_steps', 'checkpoint_every_minutes', 'eval_picture',
+    'probe_every', *(f'probe.{key}' for key in probing.default_config())})
 _DATA_FILE = re.compile(r'process_(\d+)-of-(\d+)\.json')
 
 

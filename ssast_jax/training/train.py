@@ -28,7 +28,7 @@ from ssast_jax.config.settings import ConfigError, Settings, resolve, split_shar
 from ssast_jax.data import ManifestError
 from ssast_jax.data.convert import ConversionError, convert as convert_to_shards
 from ssast_jax.data.demo import write_demo_dataset
-from ssast_jax.training import checkpoints, faults, metrics, schedule, sharding
+from ssast_jax.training import checkpoints, faults, metrics, probing, schedule, sharding
 from ssast_jax.training.prefetch import DevicePrefetcher
 from ssast_jax.training.profiling import StepProfiler
 from ssast_jax.training.step import StepSetup, eval_step, step_setup
@@ -41,7 +41,7 @@ class TrainingError(RuntimeError):
 # Errors in what the run was given (data, workdir, process count) that end it with their
 # one-line message and exit code 2 (main.py prints them, no traceback); TrainingError is 1.
 INPUT_ERRORS = (ConversionError, ManifestError, FileNotFoundError,
-                checkpoints.ProcessCountError)
+                checkpoints.ProcessCountError, probing.ProbeDataError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +168,17 @@ def validate_and_schedule(state: dict, meta: dict, step: int, splits: DataSplits
   return state, meta, eval_metrics
 
 
+def probe_and_log(probe: probing.PretrainingProbe | None, params, step: int,
+                  writer: metrics.MetricsWriter, beat=lambda: None) -> None:
+  """The linear probe of the encoder at `step` (training/probing.py), logged; a no-op
+  without `probe.train_json`."""
+  if probe is None:
+    return
+  row = probe(params, beat)
+  writer.write(step, row)
+  log(f'step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in row.items()))
+
+
 def check_finite(state: dict, settings: Settings, mngr: ocp.CheckpointManager,
                  workdir: str) -> None:
   """Raises TrainingError when a step was not finite and `nan_policy` is 'stop'."""
@@ -251,6 +262,13 @@ def train_and_evaluate(config, workdir: str, verify_data: bool = False) -> dict:
   if optim.max_steps is not None:
     total_steps = min(total_steps, optim.max_steps)
 
+  probe = None
+  if settings.probe.enabled:
+    probe = probing.PretrainingProbe(settings, setup.graphdef, setup.mesh, splits.mean,
+                                     splits.std)
+    log('probe: {} train and {} val clips from {}'.format(*probe.clip_counts,
+                                                         settings.probe.train_json))
+
   # ---- Model and optimiser state: fresh, or restored from the latest checkpoint.
   mngr = checkpoints.manager(workdir, settings.objective.task, run.keep_checkpoints,
                              run.checkpoint_every_minutes)
@@ -269,6 +287,7 @@ def train_and_evaluate(config, workdir: str, verify_data: bool = False) -> dict:
   if restored is None:
     state, meta, eval_metrics = validate_and_schedule(state, meta, 0, splits, setup, writer,
                                                       draw=draw)
+    probe_and_log(probe, state['params'], 0, writer)
     save(mngr, 0, state, meta, position, settings, workdir, eval_metrics)
 
   # ---- Training loop.
@@ -302,6 +321,8 @@ def train_and_evaluate(config, workdir: str, verify_data: bool = False) -> dict:
       # Every process asks every step (the preemption sync point is collective, and local to
       # check); the time-based decision, a broadcast from process 0, only at logging steps.
       preempted = sigterm.requested or mngr.reached_preemption(done)
+      if probing.is_due(settings, done, total_steps):
+        probe_and_log(probe, state['params'], done, writer, watchdog.beat)
       if done % optim.epoch_iter == 0:
         state, meta, eval_metrics = validate_and_schedule(state, meta, done, splits, setup,
                                                           writer, watchdog.beat, draw)
