@@ -177,8 +177,8 @@ def test_a_full_disk_keeps_the_last_complete_checkpoint(dataset, one_process_run
     process = subprocess.Popen([sys.executable, str(ROOT / 'main.py')] + args, env=env(),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_steps(workdir, 4)
-    with open(filler, 'wb') as f:  # fill the file system
-      try:
+    with open(filler, 'wb', buffering=0) as f:  # fill the file system (unbuffered: close
+      try:                                         # has nothing left to flush)
         while True:
           f.write(b'\0' * (1 << 20))
           f.flush()
