@@ -214,9 +214,15 @@ def classify(model: ClassifierHandle, x, pooling: str = 'avgtok') -> jax.Array:
   return _classify(model.graphdef, model.state, x, pooling)
 
 
+def patch_tokens(module, x) -> jax.Array:
+  """Final-norm outputs `(B, N, D)` float32 of the patch tokens of an encoder `module`
+  (pretraining or classifier) on a normalised batch: what `embed` returns and pools."""
+  return module.encode(x)[:, NUM_LEADING_TOKENS:].astype(jnp.float32)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _patch_tokens(graphdef, state, x):
-  return nnx.merge(graphdef, state).encode(x)[:, NUM_LEADING_TOKENS:].astype(jnp.float32)
+  return patch_tokens(nnx.merge(graphdef, state), x)
 
 
 def embed(model: api.ModelHandle | ClassifierHandle, x) -> dict:

@@ -28,7 +28,7 @@ from ssast_jax import probe as probe_lib
 from ssast_jax.config.settings import Settings
 from ssast_jax.data import convert, sources
 from ssast_jax.finetune import labels
-from ssast_jax.model.encoder import NUM_LEADING_TOKENS
+from ssast_jax.finetune.model import patch_tokens
 from ssast_jax.training import sharding
 
 
@@ -45,9 +45,9 @@ def is_due(settings: Settings, step: int, total_steps: int) -> bool:
 
 
 def _clip_features(params, fbank, *, graphdef, mesh):
+  """`embed(...)['clip']` of the current parameters, gathered from their sharding."""
   model = nnx.merge(graphdef, sharding.gather(params, mesh))
-  tokens = model.encode(fbank)[:, NUM_LEADING_TOKENS:].astype(jnp.float32)
-  return jnp.mean(tokens, axis=1)
+  return jnp.mean(patch_tokens(model, fbank), axis=1)
 
 
 class PretrainingProbe:
