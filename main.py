@@ -16,8 +16,6 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from ssast_jax.config.settings import ConfigError
-from ssast_jax.config.finetune import TASKS as FINETUNE_TASKS
 from ssast_jax.training import faults, host_allocator
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
@@ -70,6 +68,7 @@ def _initialize_distributed(workdir: str) -> None:
   """jax.distributed.initialize when flags ask for it or the job spans several processes;
   then native logs go to WORKDIR/logs/process_I.log (faults.send_native_logs_to)."""
   import jax  # pylint: disable=import-outside-toplevel
+  from ssast_jax.config.settings import ConfigError  # pylint: disable=import-outside-toplevel
   explicit = {'coordinator_address': _COORDINATOR_ADDRESS.value,
               'num_processes': _NUM_PROCESSES.value, 'process_id': _PROCESS_ID.value}
   if any(value is not None for value in explicit.values()):
@@ -100,6 +99,11 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   if _TUNE_CPU_ALLOCATOR.value:
     host_allocator.restart_with_tuned_allocator()
+  # JAX and the model load only now, in the process that trains: a restart above replaces
+  # this one, and pretraining configs load without them.
+  # pylint: disable=import-outside-toplevel
+  from ssast_jax.config.finetune import TASKS as FINETUNE_TASKS
+  from ssast_jax.config.settings import ConfigError
   config_path = config_flags.get_config_filename(flags.FLAGS['config'])
   if not os.path.isfile(config_path):
     _fail(f'--config: file not found: {config_path}')

@@ -14,6 +14,7 @@ import numpy as np
 
 import ssast_jax
 from ssast_jax.config import defaults
+from ssast_jax.training import host_allocator
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TIME_KEYS = ('train/clips_per_s', 'train/data_wait_ms')
@@ -83,9 +84,12 @@ def tiny_run_flags(dataset, workdir, **overrides):
 
 
 def env(devices=1):
-  """The environment of a CPU run with `devices` forced host devices."""
+  """The environment of a CPU run with `devices` forced host devices, and glibc's malloc
+  tunables of host_allocator already set: main.py trains as it does by default without
+  restarting itself first (the demo test runs that restart)."""
   return dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu',
-              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+              GLIBC_TUNABLES=host_allocator.TUNABLES)
 
 
 def run_main(args, devices=1, check=True):

@@ -1,4 +1,4 @@
-"""Faults of cluster jobs, on CPU with two processes: stops, kills and preemption followed by
+"""Faults of cluster jobs, on CPU with two processes: kills and preemption followed by
 the rerun, a dead peer, a bad shard, a full disk. Each rerun must reproduce the per-step
 losses of an uninterrupted run of the same process count."""
 
@@ -13,7 +13,7 @@ import pytest
 from ssast_jax.data.demo import write_demo_dataset
 from ssast_jax.training import faults
 from runs import (ROOT, assert_same_run, env, metric_rows, run_main, start_processes,
-                  tiny_run_flags, wait_for_steps)
+                  tiny_run_flags, train_losses, wait_for_steps)
 
 TOTAL_STEPS = 18  # tiny_run_flags: 2 epochs of 9 steps
 
@@ -64,21 +64,6 @@ def test_two_processes_match_one(two_process_run, one_process_run, tmp_path):
   assert_same_run(two_process_run, one_process_run, tmp_path)
 
 
-def test_two_processes_stopped_killed_and_restarted_resume_exactly(dataset, two_process_run,
-                                                                   tmp_path):
-  workdir = tmp_path / 'stopped'
-  _run_two(tiny_run_flags(dataset, workdir, max_steps=7))  # a clean stop at step 7
-  args = tiny_run_flags(dataset, workdir)
-  processes = start_processes(args)
-  wait_for_steps(workdir, 11)
-  for process in processes:  # SIGKILL of both, between checkpoints
-    process.send_signal(signal.SIGKILL)
-  _finish(processes)
-  assert len(metric_rows(workdir)) < len(metric_rows(two_process_run))
-  _run_two(args)
-  assert metric_rows(workdir) == metric_rows(two_process_run)
-
-
 def test_other_process_count_is_refused_in_one_line(dataset, two_process_run):
   result = run_main(tiny_run_flags(dataset, two_process_run, max_steps=TOTAL_STEPS + 2),
                     check=False)
@@ -88,29 +73,37 @@ def test_other_process_count_is_refused_in_one_line(dataset, two_process_run):
   assert 'written by 2 processes and this job has 1' in _last_line(result.stderr)
 
 
-def test_sigterm_to_one_process_saves_the_same_step_everywhere(dataset, two_process_run,
-                                                               tmp_path):
-  workdir = tmp_path / 'preempted'
+def test_two_processes_resume_exactly_after_a_preemption_kills_and_a_dead_peer(
+    dataset, two_process_run, tmp_path):
+  """One workdir through every interruption in turn, each rerun resuming from the last
+  complete checkpoint: the end is the uninterrupted run, row for row."""
+  workdir = tmp_path / 'interrupted'
   args = tiny_run_flags(dataset, workdir)
+
+  # SIGTERM to process 1 only: every process saves the same step and exits 75.
   processes = start_processes(args)
-  wait_for_steps(workdir, 4)
+  wait_for_steps(workdir, 5)
   processes[1].send_signal(signal.SIGTERM)
   results = _finish(processes, timeout=300)
-  lines = [_last_line(err) for _, err in results]
   for code, err in results:
     assert code == faults.EXIT_PREEMPTED, err[-3000:]
+  lines = [_last_line(err) for _, err in results]
   assert lines[0] == lines[1]
   saved = int(lines[0].split('saved the checkpoint at step ')[1].split(';')[0])
-  assert saved < TOTAL_STEPS and (workdir / 'checkpoints' / str(saved)).is_dir()
-  _run_two(args)
-  assert metric_rows(workdir) == metric_rows(two_process_run)
+  assert 5 <= saved < TOTAL_STEPS and (workdir / 'checkpoints' / str(saved)).is_dir()
 
-
-def test_a_dead_peer_ends_the_survivor_in_one_line(dataset, two_process_run, tmp_path):
-  workdir = tmp_path / 'peer'
-  args = tiny_run_flags(dataset, workdir)
+  # SIGKILL of both, between checkpoints.
   processes = start_processes(args)
-  wait_for_steps(workdir, 4)
+  wait_for_steps(workdir, saved + 2)
+  for process in processes:
+    process.send_signal(signal.SIGKILL)
+  _finish(processes)
+  logged = len(train_losses(workdir))  # rows past the last checkpoint until the rerun
+  assert logged + 1 < TOTAL_STEPS      # drops them
+
+  # A dead peer: the survivor ends in one line, soon, and names the checkpoint to rerun.
+  processes = start_processes(args)
+  wait_for_steps(workdir, logged + 1)
   processes[1].send_signal(signal.SIGKILL)
   killed = time.monotonic()
   (code, err), _ = _finish(processes, timeout=300)
@@ -121,6 +114,7 @@ def test_a_dead_peer_ends_the_survivor_in_one_line(dataset, two_process_run, tmp
   assert 'the last complete checkpoint is step ' in line and 'rerun' in line
   assert len(err.splitlines()) < 40, err  # native logs went to logs/process_0.log
   assert (workdir / 'logs' / 'process_0.log').is_file()
+
   _run_two(args)
   assert metric_rows(workdir) == metric_rows(two_process_run)
 

@@ -73,13 +73,19 @@ def flags(dataset, workdir, pretrained, **overrides):
             'freqm': 8, 'timem': 8, 'mixup': 0.5, 'noise': True, 'print_every_steps': 1,
             'checkpoint_every_steps': 4, 'wa': True, 'wa_start': 2, 'wa_end': 3}
   config.update(overrides)
-  return ['--config', str(runs.ROOT / 'configs' / 'finetune.py'), f'--workdir={workdir}',
-          '--notune_cpu_allocator'] + [f'--config.{k}={v}' for k, v in config.items()]
+  return ['--config', str(runs.ROOT / 'configs' / 'finetune.py'), f'--workdir={workdir}'] + [f'--config.{k}={v}' for k, v in config.items()]
 
 
-def test_finetuning_learns_logs_and_resumes(dataset, pretrained, tmp_path):
-  full = tmp_path / 'full'
-  runs.run_main(flags(dataset, full, pretrained))
+@pytest.fixture(scope='module')
+def full_run(dataset, pretrained, tmp_path_factory):
+  """3 epochs of 6 steps in one process, with weight averaging over epochs 2-3."""
+  workdir = tmp_path_factory.mktemp('full')
+  runs.run_main(flags(dataset, workdir, pretrained))
+  return workdir
+
+
+def test_finetuning_learns_logs_and_resumes(dataset, pretrained, full_run, tmp_path):
+  full = full_run
   rows = runs.metric_rows(full)
   evals = [r for r in rows if 'eval/acc' in r]
   assert [r['step'] for r in evals] == [6, 12, 18]
@@ -103,6 +109,26 @@ def test_finetuning_learns_logs_and_resumes(dataset, pretrained, tmp_path):
   assert [r for r in runs.metric_rows(resumed) if 'eval/acc' in r] == evals
   np.testing.assert_array_equal(np.loadtxt(resumed / 'result.csv', delimiter=','), result)
   np.testing.assert_array_equal(np.loadtxt(resumed / 'wa_result.csv'), wa_result)
+
+
+def test_two_processes_fine_tune_as_one(dataset, pretrained, full_run, tmp_path):
+  """Two processes of one device each (each loads half of every batch, validation outputs
+  are gathered, process 0 writes the files) repeat the one-process run up to float
+  summation order: per-step losses, result.csv, the weight average."""
+  workdir = tmp_path / 'two'
+  processes = runs.start_processes(flags(dataset, workdir, pretrained))
+  for process in processes:
+    _, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err[-4000:]
+  expected, got = runs.train_losses(full_run), runs.train_losses(workdir)
+  assert sorted(got) == sorted(expected)
+  np.testing.assert_allclose([got[s] for s in sorted(got)],
+                             [expected[s] for s in sorted(got)], rtol=1e-4)
+  np.testing.assert_allclose(np.loadtxt(workdir / 'result.csv', delimiter=','),
+                             np.loadtxt(full_run / 'result.csv', delimiter=','), rtol=1e-4)
+  np.testing.assert_allclose(np.loadtxt(workdir / 'wa_result.csv'),
+                             np.loadtxt(full_run / 'wa_result.csv'), rtol=1e-4)
+  assert (workdir / 'wa_model.pth').is_file()
 
 
 def test_adaptschedule_follows_the_map_and_resumes(dataset, pretrained, tmp_path):

@@ -4,7 +4,8 @@ ft_avgtok|ft_cls` and `traintest.train` in one call.
 The config (configs/finetune*.py) is resolved into `FinetuneSettings` first. The clip lists
 are converted to shards as for pretraining, each clip's `labels` becomes a multi-hot target
 through the label CSV (a bad label ends the run naming the clip), the classifier is built
-from the pretrained model (`finetune_model`), and the jitted step trains it. After every
+from the pretrained model (`finetune_model`), and the jitted step trains it on batches the
+device prefetcher (`training.prefetch`) has already placed on the devices. After every
 epoch the validation set gives mAP, mAUC, accuracy (`evaluation`), and the running mean of
 the epochs' predictions (the original's checkpoint ensemble) gives the `cum_` values;
 metrics go to metrics.jsonl, TensorBoard and result.csv (the original's columns). Then the
@@ -25,6 +26,7 @@ import time
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from ssast_jax import api, data
 from ssast_jax.config.finetune import FinetuneSettings, check_devices, resolve_finetune
@@ -35,6 +37,7 @@ from ssast_jax.finetune.model import ClassifierHandle, classifier_from_params, f
 from ssast_jax.finetune.step import FinetuneStep, add_params, base_lrs, finetune_step
 from ssast_jax.training import checkpoints, faults, metrics
 from ssast_jax.training import train as pretrain
+from ssast_jax.training.prefetch import DevicePrefetcher
 from ssast_jax.training.train import TrainingError, log, log_window
 
 INPUT_ERRORS = pretrain.INPUT_ERRORS + (labels_lib.LabelError,)
@@ -116,31 +119,40 @@ def build_classifier(settings: FinetuneSettings, num_labels: int) -> ClassifierH
 
 def predict(params, splits, settings: FinetuneSettings, setup: FinetuneStep,
             targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """(sigmoid outputs `(N, K)`, per-clip losses `(N,)`) of every validation clip, in order."""
+  """(sigmoid outputs `(N, K)`, per-clip losses `(N,)`) of every validation clip, in order,
+  on every process: each process reads its rows of each global batch, and the batch's
+  outputs are gathered from all of them."""
   loader = data.eval_loader(splits.val_dir, batch_size=settings.batch_size,
                             target_length=settings.data.target_length, mean=splits.mean,
-                            std=splits.std, targets=targets)
+                            std=splits.std, process_index=jax.process_index(),
+                            process_count=jax.process_count(), targets=targets)
   outputs, losses = [], []
   for batch in loader:
-    fbank, batch_labels = (jax.make_array_from_process_local_data(setup.batch_sharding, batch[k])
-                           for k in ('fbank', 'labels'))
-    probs, loss = jax.device_get(setup.evaluate(params, fbank, batch_labels))
-    outputs.append(probs[batch['valid']])
-    losses.append(loss[batch['valid']])
+    fbank, batch_labels, valid = (
+        jax.make_array_from_process_local_data(setup.batch_sharding, batch[k])
+        for k in ('fbank', 'labels', 'valid'))
+    probs, loss = setup.evaluate(params, fbank, batch_labels)
+    probs, loss, valid = multihost_utils.process_allgather((probs, loss, valid), tiled=True)
+    outputs.append(probs[valid])
+    losses.append(loss[valid])
   return np.concatenate(outputs), np.concatenate(losses)
 
 
 def ensemble(workdir: str, predictions: np.ndarray, epoch: int) -> np.ndarray:
   """The mean prediction of epochs 1..`epoch` (`validate_ensemble`), kept per epoch under
-  WORKDIR/predictions so that redoing an epoch after a resume reads the previous one."""
+  WORKDIR/predictions so that redoing an epoch after a resume reads the previous one. Process
+  0 writes them; every process reads them (the workdir is shared, as for checkpoints)."""
   folder = os.path.join(workdir, PREDICTIONS_DIR)
-  os.makedirs(folder, exist_ok=True)
   path = lambda e: os.path.join(folder, f'cum_predictions_{e}.npy')  # noqa: E731
   previous = np.load(path(epoch - 1)) if epoch > 1 else None
   cumulative = evaluation.ensemble_update(previous, predictions, epoch)
-  np.save(path(epoch), cumulative)
-  if os.path.exists(path(epoch - 2)):
-    os.remove(path(epoch - 2))
+  if jax.process_index() == 0:
+    os.makedirs(folder, exist_ok=True)
+    np.save(path(epoch), cumulative)
+    if os.path.exists(path(epoch - 2)):
+      os.remove(path(epoch - 2))
+  if jax.process_count() > 1:  # written before any process reads it
+    multihost_utils.sync_global_devices(f'cum_predictions_{epoch}')
   return cumulative
 
 
@@ -167,11 +179,14 @@ def weight_average(state: dict, handle: ClassifierHandle, splits,
   averaged = jax.tree.map(lambda total: total / count, state['wa_sum'])
   outputs, _ = predict(averaged, splits, settings, setup, targets)
   stats = evaluation.evaluate(outputs, targets)
+  averaged = multihost_utils.process_allgather(averaged, tiled=True)
+  if jax.process_index() != 0:
+    return stats
   np.savetxt(os.path.join(workdir, 'wa_result.csv'),
              [stats[k] for k in ('mAP', 'mAUC', 'average_precision', 'average_recall',
                                  'd_prime')])
-  api.to_pytorch(ClassifierHandle(handle.config, handle.graphdef, jax.device_get(averaged),
-                                  handle.extras), os.path.join(workdir, 'wa_model.pth'))
+  api.to_pytorch(ClassifierHandle(handle.config, handle.graphdef, averaged, handle.extras),
+                 os.path.join(workdir, 'wa_model.pth'))
   log(f'weight average of epochs {settings.wa_start}-{settings.wa_end}: ' +
       ', '.join(f'{k} {stats[k]:.4f}' for k in ('acc', 'mAP', 'mAUC')))
   return stats
@@ -206,15 +221,15 @@ def train_and_evaluate(config, workdir: str, verify_data: bool = False) -> dict:
   # ---- Settings, data and labels (before any compilation: fails fast).
   settings = resolve_finetune(config)
   check_devices(settings, jax.device_count())
-  if jax.process_count() > 1:
-    raise ConfigError('fine-tuning runs in one process (any number of local devices)')
   workdir = os.path.abspath(workdir)
+  is_main = jax.process_index() == 0
   splits = pretrain.prepare_data(settings, workdir, verify_data)
   table = labels_lib.load_label_table(label_csv_path(settings, workdir))
   train_targets = clip_targets(splits.train_dir, table)
   val_targets = clip_targets(splits.val_dir, table)
   pretrain.check_resumable(settings, workdir)
-  metrics.save_config(workdir, settings.config_dict())
+  if is_main:
+    metrics.save_config(workdir, settings.config_dict())
   steps_per_epoch = data.steps_per_epoch(splits.train_dir, settings.batch_size)
   if steps_per_epoch < 1:
     raise ConfigError(f'batch_size {settings.batch_size} is larger than the training set')
@@ -224,7 +239,8 @@ def train_and_evaluate(config, workdir: str, verify_data: bool = False) -> dict:
   loader = data.train_loader(
       splits.train_dir, batch_size=settings.batch_size,
       target_length=settings.data.target_length, mean=splits.mean, std=splits.std,
-      seed=settings.seed, worker_count=settings.data.workers,
+      seed=settings.seed, process_index=jax.process_index(),
+      process_count=jax.process_count(), worker_count=settings.data.workers,
       random_crop=settings.data.random_crop, targets=train_targets,
       sample_weights=clip_weights(settings, splits.train_dir))
 
@@ -236,7 +252,7 @@ def train_and_evaluate(config, workdir: str, verify_data: bool = False) -> dict:
                              settings.checkpoint_every_minutes,
                              best=(settings.best_metric, True))
   restored = checkpoints.restore_latest(mngr, setup.abstract_state,
-                                        checkpoints.DataPosition(loader), 1)
+                                        checkpoints.DataPosition(loader), jax.process_count())
   # meta (JSON): with adaptschedule, the plateau state and the float64 lrs after the
   # last epoch (`lr_schedule.adaptive_init`); nothing otherwise.
   start, state = 0, setup.state
@@ -246,29 +262,30 @@ def train_and_evaluate(config, workdir: str, verify_data: bool = False) -> dict:
     start, state, meta = restored
     log(f'resuming from the checkpoint at step {start}')
   writer = metrics.MetricsWriter(workdir, columns=result_columns(settings.metrics),
-                                 enabled=True, resume_step=None if restored is None else start)
+                                 enabled=is_main, resume_step=None if restored is None else start)
   log(f'fine-tuning {settings.task} on {table.num_labels} classes: {steps_per_epoch} steps '
       f'per epoch, {total_steps} steps')
 
   # ---- Training loop: an evaluation and a checkpoint after every epoch.
-  sigterm = faults.SigtermFlag(install=True)
-  progress = metrics.progress_bar(total_steps, initial_step=start, enabled=True)
+  several = jax.process_count() > 1
+  sigterm = faults.SigtermFlag(install=not several)
+  watchdog = faults.ProgressWatchdog(several, lambda: pretrain.last_complete(workdir))
+  progress = metrics.progress_bar(total_steps, initial_step=start, enabled=is_main)
+  prefetch = DevicePrefetcher(loader, setup.batch_sharding, keys=('fbank', 'labels'))
   pending, window_start, wait_ms, done, preempted = [], time.perf_counter(), 0.0, start, False
   eval_metrics = {}
   try:
     for step in range(start, total_steps):
-      waited = time.perf_counter()
-      batch = next(loader)
-      position = checkpoints.DataPosition(loader, loader.get_state())
-      fbank, batch_labels = (jax.make_array_from_process_local_data(setup.batch_sharding,
-                                                                    batch[k])
-                             for k in ('fbank', 'labels'))
-      wait_ms += (time.perf_counter() - waited) * 1000
+      (fbank, batch_labels), data_state, waited = next(prefetch)
+      position = checkpoints.DataPosition(loader, data_state)
+      wait_ms += waited
       state, step_metrics = setup.step(state, fbank, batch_labels)
       done = step + 1
       pending.append(step_metrics)
       progress.update(1)
-      if done % settings.print_every_steps == 0 or done == total_steps:
+      watchdog.beat()
+      logged = done % settings.print_every_steps == 0 or done == total_steps
+      if logged:
         row = log_window(pending, time.perf_counter() - window_start, wait_ms,
                          settings.batch_size)
         if not math.isfinite(row['train/loss']):
@@ -300,12 +317,18 @@ def train_and_evaluate(config, workdir: str, verify_data: bool = False) -> dict:
         save(mngr, done, state, meta, position, workdir,
              {settings.best_metric: best} if math.isfinite(best) else None)
       elif (preempted or done == total_steps or done % settings.checkpoint_every_steps == 0
-            or mngr.should_save(done)):
+            or (logged and mngr.should_save(done))):
         save(mngr, done, state, meta, position, workdir)
+      watchdog.beat()
       if preempted:
         break
+  except jax.errors.JaxRuntimeError as error:
+    pretrain.exit_if_peer_lost(error, workdir)
+    raise
   finally:
+    watchdog.stop()
     sigterm.restore()
+    prefetch.close()
     progress.close()
     try:
       pretrain.wait_for_saves(mngr, workdir)

@@ -17,12 +17,14 @@ _END = object()
 
 
 class DevicePrefetcher:
-  """Iterates `(device_batch, iterator_state_after_it, wait_ms)` over a Grain iterator
-  yielding `{'fbank': (B_local, T, F)}`; `depth` batches are kept ready."""
+  """Iterates `(device_arrays, iterator_state_after_them, wait_ms)` over a Grain iterator
+  yielding dicts of per-process batches (`{'fbank': (B_local, T, F), ...}`): one global
+  array per name in `keys`, in that order; `depth` batches are kept ready."""
 
-  def __init__(self, iterator, sharding, depth: int = 2):
+  def __init__(self, iterator, sharding, keys=('fbank',), depth: int = 2):
     self._iterator = iterator
     self._sharding = sharding
+    self._keys = tuple(keys)
     self._queue = queue.Queue(maxsize=depth)
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._fill, daemon=True, name='device-prefetch')
@@ -32,10 +34,11 @@ class DevicePrefetcher:
     try:
       for batch in self._iterator:
         state = self._iterator.get_state()
-        array = jax.make_array_from_process_local_data(self._sharding, batch['fbank'])
+        arrays = tuple(jax.make_array_from_process_local_data(self._sharding, batch[key])
+                       for key in self._keys)
         while not self._stop.is_set():
           try:
-            self._queue.put((array, state), timeout=0.1)
+            self._queue.put((arrays, state), timeout=0.1)
             break
           except queue.Full:
             continue
@@ -56,8 +59,8 @@ class DevicePrefetcher:
       raise StopIteration
     if isinstance(item, BaseException):
       raise item
-    array, state = item
-    return array, state, waited_ms
+    arrays, state = item
+    return arrays, state, waited_ms
 
   def close(self):
     self._stop.set()

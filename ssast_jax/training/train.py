@@ -222,6 +222,10 @@ def wait_for_saves(mngr, workdir: str) -> None:
 
 
 def _write_error(error: Exception, workdir: str) -> faults.CheckpointWriteError:
+  """The CheckpointWriteError of a failed save; a save that failed because a peer process
+  is gone (a checkpoint barrier of a job of several processes) ends this process as a lost
+  peer instead (`exit_if_peer_lost`)."""
+  exit_if_peer_lost(error, workdir)
   reason = ' '.join(str(error).split())[:300] or type(error).__name__
   return faults.CheckpointWriteError(
       f'a checkpoint could not be written ({type(error).__name__}: {reason}); '
@@ -235,6 +239,16 @@ def log_window(pending: list, seconds: float, wait_ms: float, batch_size: int) -
   row['train/clips_per_s'] = len(host) * batch_size / seconds
   row['train/data_wait_ms'] = wait_ms / len(host)
   return row
+
+
+def exit_if_peer_lost(error: Exception, workdir: str) -> None:
+  """Ends the process in one line (EXIT_PEER_LOST) when `error` is a failed collective of a
+  job of several processes: another process is gone."""
+  if faults.is_peer_failure(error, jax.process_count()):
+    faults.exit_now(f'a peer process stopped: a collective failed on process '
+                    f'{jax.process_index()} ({" ".join(str(error).split())[:200]}). '
+                    f'{last_complete(workdir)}; rerun the same command to resume',
+                    faults.EXIT_PEER_LOST)
 
 
 def train_and_evaluate(config, workdir: str, verify_data: bool = False) -> dict:
@@ -300,7 +314,7 @@ def train_and_evaluate(config, workdir: str, verify_data: bool = False) -> dict:
   pending, window_start, wait_ms, done, preempted = [], time.perf_counter(), 0.0, start, False
   try:
     for step in range(start, total_steps):
-      batch, data_state, waited = next(prefetch)
+      (batch,), data_state, waited = next(prefetch)
       done = step + 1
       profiler.before_step(done)
       state, step_metrics = setup.step(state, batch)
@@ -334,11 +348,7 @@ def train_and_evaluate(config, workdir: str, verify_data: bool = False) -> dict:
       if preempted:
         break
   except jax.errors.JaxRuntimeError as error:
-    if faults.is_peer_failure(error, jax.process_count()):
-      faults.exit_now(f'a peer process stopped: a collective failed on process '
-                      f'{jax.process_index()} ({" ".join(str(error).split())[:200]}). '
-                      f'{last_complete(workdir)}; rerun the same command to resume',
-                      faults.EXIT_PEER_LOST)
+    exit_if_peer_lost(error, workdir)
     raise
   finally:
     watchdog.stop()
