@@ -73,7 +73,8 @@ def flags(dataset, workdir, pretrained, **overrides):
             'freqm': 8, 'timem': 8, 'mixup': 0.5, 'noise': True, 'print_every_steps': 1,
             'checkpoint_every_steps': 4, 'wa': True, 'wa_start': 2, 'wa_end': 3}
   config.update(overrides)
-  return ['--config', str(runs.ROOT / 'configs' / 'finetune.py'), f'--workdir={workdir}'] + [f'--config.{k}={v}' for k, v in config.items()]
+  return ['--config', str(runs.ROOT / 'configs' / 'finetune.py'), f'--workdir={workdir}'] + [
+      f'--config.{k}={v}' for k, v in config.items()]
 
 
 @pytest.fixture(scope='module')

@@ -120,22 +120,21 @@ def build_classifier(settings: FinetuneSettings, num_labels: int) -> ClassifierH
 def predict(params, splits, settings: FinetuneSettings, setup: FinetuneStep,
             targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """(sigmoid outputs `(N, K)`, per-clip losses `(N,)`) of every validation clip, in order,
-  on every process: each process reads its rows of each global batch, and the batch's
-  outputs are gathered from all of them."""
+  on every process: each process reads its rows of each global batch, the step's outputs
+  are replicated, and the padding rows, all after the last clip, are cut off."""
   loader = data.eval_loader(splits.val_dir, batch_size=settings.batch_size,
                             target_length=settings.data.target_length, mean=splits.mean,
                             std=splits.std, process_index=jax.process_index(),
                             process_count=jax.process_count(), targets=targets)
   outputs, losses = [], []
   for batch in loader:
-    fbank, batch_labels, valid = (
-        jax.make_array_from_process_local_data(setup.batch_sharding, batch[k])
-        for k in ('fbank', 'labels', 'valid'))
-    probs, loss = setup.evaluate(params, fbank, batch_labels)
-    probs, loss, valid = multihost_utils.process_allgather((probs, loss, valid), tiled=True)
-    outputs.append(probs[valid])
-    losses.append(loss[valid])
-  return np.concatenate(outputs), np.concatenate(losses)
+    fbank, batch_labels = (jax.make_array_from_process_local_data(setup.batch_sharding, batch[k])
+                           for k in ('fbank', 'labels'))
+    probs, loss = multihost_utils.process_allgather(
+        setup.evaluate(params, fbank, batch_labels), tiled=True)
+    outputs.append(probs)
+    losses.append(loss)
+  return np.concatenate(outputs)[:len(targets)], np.concatenate(losses)[:len(targets)]
 
 
 def ensemble(workdir: str, predictions: np.ndarray, epoch: int) -> np.ndarray:
