@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 import ssast_jax
+from ssast_jax import export
 from ssast_jax.config import defaults
 from ssast_jax.training import host_allocator
 
@@ -141,10 +142,10 @@ def wait_for_steps(workdir, count, timeout=300):
 
 
 def final_params(workdir, tmp_path, which='latest'):
+  """The parameters of `workdir`'s `which` checkpoint as `python -m ssast_jax.export` writes
+  them (a .pth read back), exported in this process."""
   out = tmp_path / f'{pathlib.Path(workdir).name}-{which}.pth'
-  subprocess.run([sys.executable, '-m', 'ssast_jax.export', '--workdir', str(workdir),
-                  '--out', str(out), '--which', which], env=env(), check=True,
-                 capture_output=True, timeout=300)
+  export.export(str(workdir), str(out), which)
   return ssast_jax.from_pytorch(out).params
 
 

@@ -1,15 +1,12 @@
 """Scale features: FSDP, gradient accumulation, remat, bfloat16, profiling.
 
-Steps are called directly on tiny models; whole runs go through `main.py` in subprocesses
-with forced CPU device counts, as in test_train.py.
+Steps are called directly on tiny models; whole runs on several meshes (FSDP included,
+with a profile) are in test_train.py.
 """
 
-import base64
 import collections
-import dataclasses
 import functools
-import json
-import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -20,14 +17,17 @@ from jax.extend import core as jax_core
 from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 
 from ssast_jax.config.settings import ConfigError, check_devices, resolve
-from ssast_jax.data.demo import write_demo_dataset
 from ssast_jax.model import SSAST, ModelConfig, abstract_model
 from ssast_jax.objective import losses
 from ssast_jax.training import sharding
 from ssast_jax.training.state import init_state
 from ssast_jax.training.step import (MPC_PASS, MPG_PASS, batch_gradients, draw_masks,
                                      train_step, without_invariant_directions)
-from runs import run_main, tiny_config as _config, tiny_run_flags, train_losses
+from runs import ROOT, tiny_config as _config
+
+sys.path.insert(0, str(ROOT))
+from benchmarks import accumulation  # noqa: E402
+from benchmarks.accumulation import flat  # noqa: E402
 
 
 def _settings(config):
@@ -48,23 +48,6 @@ def _batch(settings, seed=0):
 def _masks(settings, step=0):
   return draw_masks(settings, step, (MPC_PASS, MPG_PASS), settings.objective.mask_patch,
                     settings.optim.batch_size)
-
-
-def proportional_adam(state: dict) -> dict:
-  """`state` with Adam's second moments at 1 and its bias corrections at 1, so that its
-  next update is the gradient itself (a fresh Adam's first update is its sign)."""
-  decay, adam = state['opt_state']
-  adam = adam._replace(count=jnp.asarray(10 ** 6, adam.count.dtype),
-                       nu=jax.tree.map(jnp.ones_like, adam.nu))
-  return {**state, 'opt_state': (decay, adam)}
-
-
-def flat(tree) -> np.ndarray:
-  return np.concatenate([np.ravel(np.asarray(x, np.float32)) for x in jax.tree.leaves(tree)])
-
-
-def relative_gap(a: np.ndarray, b: np.ndarray) -> float:
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def peak_memory_bytes(compiled) -> int:
@@ -103,64 +86,6 @@ def test_adam_moments_are_sharded_like_their_parameters():
   assert len(sharded) == 9  # the 2-D kernels of the blocks, the heads and the patch embedding
 
 
-@pytest.fixture(scope='module')
-def dataset(tmp_path_factory):
-  out = tmp_path_factory.mktemp('data')
-  return write_demo_dataset(out, num_clips=40, seed=2, target_length=64, num_mel_bins=64)
-
-
-def _flags(dataset, workdir, **overrides):
-  return tiny_run_flags(dataset, workdir, **{
-      'lr': 1e-3, 'num_epochs': 1, 'epoch_iter': 100, 'checkpoint_every_steps': 2,
-      'max_steps': 4, **overrides})
-
-
-@pytest.fixture(scope='module')
-def data_parallel_run(dataset, tmp_path_factory):
-  """8 devices, pure data parallelism, steps 2-3 profiled."""
-  workdir = tmp_path_factory.mktemp('data_parallel')
-  run_main(_flags(dataset, workdir, profile_steps='2,3'), devices=8)
-  return workdir
-
-
-def test_fsdp_matches_data_parallelism_and_resumes_on_another_mesh(dataset, data_parallel_run,
-                                                                   tmp_path):
-  """data=2 x fsdp=4 on 8 devices for 2 steps, then resumed as data=1 x fsdp=4 on 4 devices:
-  the checkpoints hold FSDP-sharded arrays, restore into the new mesh, and the losses are
-  those of data parallelism."""
-  workdir = tmp_path / 'fsdp'
-  run_main(_flags(dataset, workdir, fsdp=4, max_steps=2), devices=8)
-  assert sorted(train_losses(workdir)) == [1, 2]
-  result = run_main(_flags(dataset, workdir, fsdp=4), devices=4)
-  assert 'resuming from the checkpoint at step 2' in result.stdout
-  for step, mesh in ((2, [2, 4]), (4, [1, 4])):
-    layout = _saved_layout(workdir, step)
-    assert layout['params.blocks.0.mlp.fc1.kernel.value'] == (mesh, [None, 'fsdp'])
-    assert layout['opt_state.1.nu.blocks.0.mlp.fc1.kernel.value'] == (mesh, [None, 'fsdp'])
-    assert layout['params.blocks.0.mlp.fc1.bias.value'] == (mesh, [])
-  expected, got = train_losses(data_parallel_run), train_losses(workdir)
-  assert sorted(got) == sorted(expected) == [1, 2, 3, 4]
-  np.testing.assert_allclose([got[s] for s in range(1, 5)], [expected[s] for s in range(1, 5)],
-                             rtol=1e-5)
-  assert len(set(expected.values())) == 4  # the steps learn: the comparison is not vacuous
-
-
-def _saved_layout(workdir, step):
-  """{array name: (mesh shape, partition spec)} that orbax recorded for a checkpoint."""
-  path = pathlib.Path(workdir, 'checkpoints', str(step), 'state', '_sharding')
-  layout = {}
-  for key, value in json.loads(path.read_text()).items():
-    sharding_info = json.loads(value)
-    layout[base64.b64decode(key).decode()] = (sharding_info['shape'],
-                                              sharding_info['partition_spec'])
-  return layout
-
-
-def test_profile_steps_write_a_trace(data_parallel_run):
-  traces = list(pathlib.Path(data_parallel_run, 'profile').rglob('*.xplane.pb'))
-  assert len(traces) == 1 and traces[0].stat().st_size > 0
-
-
 def test_fsdp_that_does_not_divide_the_devices_is_refused():
   with pytest.raises(ConfigError, match='fsdp is 3, which does not divide the 8 devices'):
     check_devices(_settings(_config(fsdp=3)), 8)
@@ -169,32 +94,21 @@ def test_fsdp_that_does_not_divide_the_devices_is_refused():
 # --- gradient accumulation --------------------------------------------------------------
 
 def test_accumulated_step_is_the_whole_batch_step():
-  """grad_accum_steps=4 on a batch of 8 makes the update of one batch of 8.
+  """grad_accum_steps=4 on a batch of 8 makes the step of one batch of 8, as training
+  compiles it (`benchmarks/accumulation.py`, learning rate 1, Adam set so that an update is
+  the gradient).
 
-  The losses agree to float32 rounding (the masks are the same). The update agrees to
-  5e-6 relative: the gradients themselves differ by ~1e-6 (1e-7 for the MPG head and
+  The logged metrics agree to float32 rounding (the masks are the same). The update agrees
+  to 5e-6 relative: the gradients themselves differ by ~1e-6 (1e-7 for the MPG head and
   encoder, 1e-6 for the MPC head, whose gradient is a sum of nearly cancelling terms
   because its loss ignores a shift of all of a clip's predictions), and a learning rate of
   1 keeps float32 rounding of `params + update` below that. A mean taken as a sum would
   be off by 300%, other masks by percents.
   """
-  mcfg, graphdef, settings = _step_parts(_config(lr=1.0))
-  state = proportional_adam(init_state(mcfg, 0, 1.0))
-  fbank = _batch(settings)
-  results = {}
-  for accum in (1, 4):
-    step = jax.jit(functools.partial(
-        train_step, graphdef=graphdef,
-        settings=dataclasses.replace(settings, optim=dataclasses.replace(
-            settings.optim, grad_accum_steps=accum))))
-    results[accum] = step(state, fbank)
-  (whole, whole_metrics), (accumulated, accumulated_metrics) = results[1], results[4]
-  for key in ('loss', 'mpc_loss', 'mpg_loss', 'mpc_acc', 'grad_norm'):
-    np.testing.assert_allclose(accumulated_metrics[key], whole_metrics[key], rtol=1e-6)
-  before = flat(state['params'])
-  update = flat(whole['params']) - before
-  assert relative_gap(flat(accumulated['params']) - before, update) < 5e-6
-  assert int(accumulated['step']) == 1
+  [gaps] = accumulation.step_gaps(_config(grad_accum_steps=4), 1, log=lambda message: None)
+  assert 0 <= gaps.pop('update') < 5e-6
+  assert sorted(gaps) == sorted(accumulation.METRICS)
+  assert all(0 <= gap < 1e-6 for gap in gaps.values()), gaps
 
 
 def test_accumulated_gradients_keep_each_clips_masks():

@@ -4,6 +4,7 @@ Each run goes through `main.py` in a subprocess, as users run it, so that device
 and process groups can differ between runs.
 """
 
+import base64
 import json
 import pathlib
 import signal
@@ -15,6 +16,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+import ssast_jax
 from ssast_jax import export
 from ssast_jax.config.settings import resolve
 from ssast_jax.data.demo import write_demo_dataset
@@ -55,9 +57,9 @@ def test_run_logs_evaluates_and_checkpoints(reference_run):
   assert events
 
 
-def test_export_writes_the_checkpoints_parameters(reference_run, tmp_path):
-  """Export reads only the parameters of a checkpoint: they equal those of its whole
-  training state."""
+def test_export_writes_the_checkpoints_parameters(reference_run, tmp_path, capsys):
+  """`python -m ssast_jax.export` reads only the parameters of a checkpoint: they equal
+  those of its whole training state."""
   settings = resolve(ml_collections.ConfigDict(checkpoints.read_config(reference_run)),
                      check_data=False)
   mngr = checkpoints.manager(str(reference_run), settings.objective.task,
@@ -67,7 +69,10 @@ def test_export_writes_the_checkpoints_parameters(reference_run, tmp_path):
     state, _ = checkpoints.restore(mngr, mngr.latest_step(), abstract)
   finally:
     mngr.close()
-  exported = jax.tree.leaves(final_params(reference_run, tmp_path))
+  out = tmp_path / 'model.pth'
+  export.main(['--workdir', str(reference_run), '--out', str(out), '--which', 'latest'])
+  assert capsys.readouterr().out.startswith(f'wrote {out} from the latest checkpoint (step 18)')
+  exported = jax.tree.leaves(ssast_jax.from_pytorch(out).params)
   restored = jax.tree.leaves(state['params'])
   assert len(exported) == len(restored) == 28
   for a, b in zip(exported, restored):
@@ -86,29 +91,42 @@ def test_export_of_a_step_number(reference_run):
     export.workdir_params(str(reference_run), 7777)
 
 
-def test_sigkill_and_resume_is_bit_identical(dataset, reference_run, tmp_path):
-  workdir = tmp_path / 'killed'
-  args = tiny_run_flags(dataset, workdir)
-  process = subprocess.Popen([sys.executable, str(ROOT / 'main.py')] + args, env=env(),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  wait_for_steps(workdir, 4)
-  process.send_signal(signal.SIGKILL)
-  process.wait()
-  assert len(train_losses(workdir)) < 18, 'the run finished before it could be killed'
-  run_main(args)
-  assert metric_rows(workdir) == metric_rows(reference_run)
-  np.testing.assert_array_equal(_flat(final_params(workdir, tmp_path)),
-                                _flat(final_params(reference_run, tmp_path)))
-
-
 def _flat(tree):
   return np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(tree)])
 
 
-def test_eight_devices_match_one(dataset, reference_run, tmp_path):
-  workdir = tmp_path / 'eight'
-  run_main(tiny_run_flags(dataset, workdir), devices=8)
+def test_eight_devices_then_fsdp_meshes_resume_as_one_device(dataset, reference_run, tmp_path):
+  """Steps 1-6 with data parallelism on 8 devices (steps 2-3 profiled), 7-12 as data=2 x
+  fsdp=4 on 8 devices, 13-18 as data=1 x fsdp=4 on 4 devices, each leg resuming the
+  checkpoint of the one before on its own mesh: the checkpoints hold arrays sharded as their
+  mesh was, and the run is the one-device run up to float summation order."""
+  workdir = tmp_path / 'meshes'
+  layouts = {}
+  for step, devices, overrides in ((6, 8, {'profile_steps': '2,3'}), (12, 8, {'fsdp': 4}),
+                                   (18, 4, {'fsdp': 4})):
+    result = run_main(tiny_run_flags(dataset, workdir, max_steps=step, **overrides),
+                      devices=devices)
+    layouts[step] = _saved_layout(workdir, step)  # before keep_checkpoints deletes it
+  assert 'resuming from the checkpoint at step 12' in result.stdout
+  traces = list((workdir / 'profile').rglob('*.xplane.pb'))
+  assert len(traces) == 1 and traces[0].stat().st_size > 0
+  for step, mesh, spec in ((6, [8, 1], []), (12, [2, 4], [None, 'fsdp']),
+                           (18, [1, 4], [None, 'fsdp'])):
+    assert layouts[step]['params.blocks.0.mlp.fc1.kernel.value'] == (mesh, spec)
+    assert layouts[step]['opt_state.1.nu.blocks.0.mlp.fc1.kernel.value'] == (mesh, spec)
+    assert layouts[step]['params.blocks.0.mlp.fc1.bias.value'] == (mesh, [])
   assert_same_run(workdir, reference_run, tmp_path)
+
+
+def _saved_layout(workdir, step):
+  """{array name: (mesh shape, partition spec)} that orbax recorded for a checkpoint."""
+  path = pathlib.Path(workdir, 'checkpoints', str(step), 'state', '_sharding')
+  layout = {}
+  for key, value in json.loads(path.read_text()).items():
+    sharding_info = json.loads(value)
+    layout[base64.b64decode(key).decode()] = (sharding_info['shape'],
+                                              sharding_info['partition_spec'])
+  return layout
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(dataset, tmp_path):
@@ -137,11 +155,25 @@ def _start(args):
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_sigterm_saves_and_exits_then_resumes_identically(dataset, reference_run, tmp_path):
-  workdir = tmp_path / 'terminated'
+def test_a_kill_a_preemption_and_a_damaged_checkpoint_each_resume_exactly(
+    dataset, reference_run, tmp_path):
+  """One workdir through a SIGKILL, a SIGTERM and a damaged latest checkpoint in turn,
+  each rerun resuming from the last complete checkpoint: the end is the uninterrupted run,
+  row for row and bit for bit."""
+  workdir = tmp_path / 'interrupted'
   args = tiny_run_flags(dataset, workdir)
+
+  # SIGKILL between checkpoints: the rerun drops the rows logged after the last one.
   process = _start(args)
   wait_for_steps(workdir, 4)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  logged = len(train_losses(workdir))
+  assert logged < 17, 'the run finished before it could be killed'  # of 18 steps
+
+  # SIGTERM: the run saves the step it is at, exits 75 and names that step.
+  process = _start(args)
+  wait_for_steps(workdir, logged + 1)
   process.send_signal(signal.SIGTERM)
   _, err = process.communicate(timeout=300)
   assert process.returncode == faults.EXIT_PREEMPTED, err[-3000:]
@@ -149,22 +181,17 @@ def test_sigterm_saves_and_exits_then_resumes_identically(dataset, reference_run
   assert last_line.startswith('preempted (SIGTERM): every process saved the checkpoint at step ')
   saved = int(last_line.split('at step ')[1].split(';')[0])
   assert saved < 18 and (workdir / 'checkpoints' / str(saved)).is_dir()
-  run_main(args)
-  assert metric_rows(workdir) == metric_rows(reference_run)
 
-
-def test_damaged_latest_checkpoint_is_skipped(dataset, reference_run, tmp_path):
-  workdir = tmp_path / 'damaged'
-  args = tiny_run_flags(dataset, workdir, max_steps=10)
-  run_main(args)
-  steps = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
-  assert steps[-1] == 10
-  for path in (workdir / 'checkpoints' / '10' / 'state').rglob('*'):
+  # The checkpoint just saved, damaged: the rerun names it and resumes from the one before.
+  for path in (workdir / 'checkpoints' / str(saved) / 'state').rglob('*'):
     if path.is_file():
       path.write_bytes(b'')
-  result = run_main(tiny_run_flags(dataset, workdir))
-  assert 'checkpoint at step 10 is incomplete or damaged' in result.stderr
+  result = run_main(args)
+  assert f'checkpoint at step {saved} is incomplete or damaged' in result.stderr
+  assert (workdir / 'checkpoints_damaged' / str(saved) / 'state').is_dir()
   assert metric_rows(workdir) == metric_rows(reference_run)
+  np.testing.assert_array_equal(_flat(final_params(workdir, tmp_path)),
+                                _flat(final_params(reference_run, tmp_path)))
 
 
 def test_audio_inputs_are_converted_and_trained_on(tmp_path):

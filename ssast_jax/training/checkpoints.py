@@ -19,7 +19,9 @@ import os
 import re
 
 import grain
+import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
 from ssast_jax.config import probing
@@ -125,23 +127,51 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data: DataPositi
   `data`'s loader is set to that checkpoint's position for this process.
 
   A checkpoint that fails to restore (cut short by a crash on a file system without
-  atomic renames, or damaged) is skipped with a warning in favour of the one before it.
-  A checkpoint written by another number of processes raises ProcessCountError: each
-  process's data position belongs to that process layout.
+  atomic renames, or damaged) is skipped with a warning in favour of the one before it, and
+  moved to `WORKDIR/checkpoints_damaged/` (`set_aside`). A checkpoint written by another
+  number of processes closes `mngr` (its threads would fail at interpreter shutdown) and
+  raises ProcessCountError: each process's data position belongs to that process layout.
   """
+  damaged, restored = [], None
   for step in sorted(mngr.all_steps(), reverse=True):
     saved = saved_process_count(mngr, step)
     if saved is not None and saved != process_count:
+      mngr.close()
       raise ProcessCountError(
           f'the checkpoint at step {step} in {mngr.directory} was written by {saved} '
           f'processes and this job has {process_count}; restart with {saved} processes '
           f'(each holds its own position in the data), or use another --workdir')
     try:
-      return (step, *restore(mngr, step, abstract_state, data))
+      restored = (step, *restore(mngr, step, abstract_state, data))
+      break
     except Exception as e:  # any failure means this checkpoint is unusable
       logging.warning('checkpoint at step %d is incomplete or damaged, skipping it: %s',
                       step, e)
-  return None
+      damaged.append(step)
+  if damaged:
+    set_aside(mngr, damaged, process_count)
+  return restored
+
+
+def set_aside(mngr: ocp.CheckpointManager, steps: list[int], process_count: int) -> None:
+  """Moves the checkpoints of `steps` from the checkpoint folder to `checkpoints_damaged/`
+  beside it (process 0 moves, every process waits): the resumed run saves those steps
+  again (orbax refuses a step whose folder exists), and neither a later resume nor the
+  "last complete checkpoint" of an error message counts them."""
+  if process_count > 1:
+    multihost_utils.sync_global_devices('checkpoints: damaged found')
+  if jax.process_index() == 0:
+    aside = mngr.directory.parent / 'checkpoints_damaged'
+    aside.mkdir(exist_ok=True)
+    for step in steps:
+      target, copy = aside / str(step), 1
+      while target.exists():
+        target, copy = aside / f'{step}.{copy}', copy + 1
+      (mngr.directory / str(step)).rename(target)
+      logging.warning('moved the damaged checkpoint of step %d to %s', step, target)
+  if process_count > 1:
+    multihost_utils.sync_global_devices('checkpoints: damaged moved')
+  mngr.reload()
 
 
 class ProcessCountError(ValueError):
