@@ -216,3 +216,41 @@ def test_the_watchdog_ends_a_process_waiting_on_a_lost_peer_in_one_line():
   assert result.returncode == faults.EXIT_PEER_LOST
   assert _last_line(result.stderr).startswith('error: no progress for ')
   assert 'the last complete checkpoint is step 3 in D; rerun' in _last_line(result.stderr)
+
+
+class _FailingSaves:
+  """A checkpoint manager whose pending save failed with `error`."""
+
+  def __init__(self, error):
+    self._error = error
+
+  def wait_until_finished(self):
+    raise self._error
+
+
+@pytest.mark.parametrize('process_count, code', [(2, faults.EXIT_PEER_LOST), (1, None)])
+def test_a_save_failed_in_a_barrier_is_a_lost_peer_with_several_processes(
+    process_count, code, monkeypatch, tmp_path):
+  """A peer killed while the processes wait in a checkpoint's barrier fails the save: that
+  is a lost peer (exit 76, rerun) in a job of several processes, not a full disk (74)."""
+  from ssast_jax.training import train  # pylint: disable=import-outside-toplevel
+
+  def exit_now(message, code):
+    raise SystemExit((code, message))
+  monkeypatch.setattr(faults, 'exit_now', exit_now)
+  monkeypatch.setattr(train.jax, 'process_count', lambda: process_count)
+  (tmp_path / 'checkpoints' / '6').mkdir(parents=True)
+  error = RuntimeError('DEADLINE_EXCEEDED: Barrier timed out. Id: OrbaxCheckpointManagerSave')
+  if code is None:
+    with pytest.raises(faults.CheckpointWriteError,
+                       match=r'could not be written \(RuntimeError: DEADLINE_EXCEEDED.*'
+                             r'the last complete checkpoint is step 6 in '):
+      train.wait_for_saves(_FailingSaves(error), str(tmp_path))
+    return
+  with pytest.raises(SystemExit) as ended:
+    train.wait_for_saves(_FailingSaves(error), str(tmp_path))
+  got_code, message = ended.value.code
+  assert got_code == code
+  assert message.startswith('a peer process stopped: a collective failed on process 0 ')
+  assert 'Barrier timed out' in message
+  assert 'the last complete checkpoint is step 6 in ' in message and 'rerun' in message
