@@ -231,3 +231,19 @@ def test_progress_bar():
   bar = metrics.progress_bar(100, initial_step=40, enabled=True)
   assert (bar.total, bar.n, bar.disable) == (100, 40, False)
   bar.close()
+
+
+def test_a_windows_throughput_counts_the_steps_until_their_metrics_arrive(monkeypatch):
+  """Steps run asynchronously: a window's time ends once its metrics reach the host, not
+  when the last step was dispatched (which would report thousands of clips per second)."""
+  from ssast_jax.training import train  # pylint: disable=import-outside-toplevel
+  clock = {'now': 100.0}
+  monkeypatch.setattr(train.time, 'perf_counter', lambda: clock['now'])
+
+  def device_get(tree):  # the two steps compute while the host waits: 4 s
+    clock['now'] += 4.0
+    return tree
+  monkeypatch.setattr(train.jax, 'device_get', device_get)
+  pending = [{'loss': np.float32(2.0)}, {'loss': np.float32(4.0)}]
+  row = train.log_window(pending, window_start=99.0, wait_ms=6.0, batch_size=8)
+  assert row == {'train/loss': 3.0, 'train/clips_per_s': 16 / 5.0, 'train/data_wait_ms': 3.0}

@@ -285,8 +285,7 @@ def train_and_evaluate(config, workdir: str, verify_data: bool = False) -> dict:
       watchdog.beat()
       logged = done % settings.print_every_steps == 0 or done == total_steps
       if logged:
-        row = log_window(pending, time.perf_counter() - window_start, wait_ms,
-                         settings.batch_size)
+        row = log_window(pending, window_start, wait_ms, settings.batch_size)
         if not math.isfinite(row['train/loss']):
           raise TrainingError(f'the training loss is not finite at step {done}; '
                               f'{pretrain.last_complete(workdir)}')

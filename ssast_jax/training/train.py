@@ -232,9 +232,13 @@ def _write_error(error: Exception, workdir: str) -> faults.CheckpointWriteError:
       f'{last_complete(workdir)}. Free space or fix the folder, then rerun to resume')
 
 
-def log_window(pending: list, seconds: float, wait_ms: float, batch_size: int) -> dict:
-  """The logged row of a window of steps: means of their metrics, throughput, input wait."""
+def log_window(pending: list, window_start: float, wait_ms: float, batch_size: int) -> dict:
+  """The logged row of a window of steps: means of their metrics, throughput, input wait.
+
+  The window's time runs from `window_start` (a `time.perf_counter()`) until its metrics
+  reach the host: steps are dispatched asynchronously, so only then are they computed."""
   host = jax.device_get(pending)
+  seconds = time.perf_counter() - window_start
   row = {f'train/{k}': float(np.mean([m[k] for m in host])) for k in host[0]}
   row['train/clips_per_s'] = len(host) * batch_size / seconds
   row['train/data_wait_ms'] = wait_ms / len(host)
@@ -326,8 +330,7 @@ def train_and_evaluate(config, workdir: str, verify_data: bool = False) -> dict:
       watchdog.beat()
       logged = done % run.print_every_steps == 0 or done == total_steps
       if logged:
-        row = log_window(pending, time.perf_counter() - window_start, wait_ms,
-                         optim.batch_size)
+        row = log_window(pending, window_start, wait_ms, optim.batch_size)
         writer.write(done, row)
         check_finite(state, settings, mngr, workdir)
         progress.set_postfix(loss=f'{row["train/loss"]:.4f}', acc=f'{row["train/mpc_acc"]:.3f}')
