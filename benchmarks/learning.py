@@ -3,7 +3,7 @@ after a few pretraining budgets.
 
   python benchmarks/learning.py --workdir DIR [--budgets 0,1000,3000] [--depth 4]
       [--batch_size 16] [--lr 5e-4] [--mask_patch 40] [--ft_epochs 10] [--ft_lr 1e-4]
-      [--no_finetune] [--pretrain_run DIR] [--out PATH]
+      [--seed 0] [--no_finetune] [--pretrain_run DIR] [--out PATH]
 
 Makes the spoken-keyword set of benchmarks/keywords.py in DIR/keywords (espeak-ng), pretrains
 a tiny model (`pretrain_joint`, the original's objective, cluster masking) on every word
@@ -21,6 +21,8 @@ the same labelled training voices and scored on the held-out ones after every ep
 budget 0 is the untrained encoder, i.e. fine-tuning the same architecture from scratch with
 the same fine-tuning budget. `--no_finetune` skips this half. `--pretrain_run` uses the
 checkpoints of an earlier run of this script (DIR/pretrain) instead of pretraining again.
+`--seed` seeds the pretraining (initial weights, masks, data order) and the fine-tunings;
+the keyword set and the probe do not depend on it.
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ def pretrain(args, data_dir: str, workdir: str, steps: int, budgets) -> None:
       'mask_patch': args.mask_patch, 'eval_mask_patch': args.mask_patch,
       'batch_size': args.batch_size, 'lr': args.lr, 'warmup': False, 'num_epochs': 1000,
       'max_steps': steps, 'epoch_iter': 500, 'checkpoint_every_steps': every,
-      'keep_checkpoints': 1000, 'print_every_steps': 50, 'eval_picture': False}
+      'keep_checkpoints': 1000, 'print_every_steps': 50, 'eval_picture': False,
+      'seed': args.seed}
   os.makedirs(workdir, exist_ok=True)
   config_path = os.path.join(workdir, 'learning_config.py')
   with open(config_path, 'w', encoding='utf-8') as f:
@@ -99,7 +102,7 @@ def finetune(args, data_dir: str, run_dir: str, budget: int, mean: float,
       'fstride': 16, 'tstride': 16, 'loss': 'ce', 'metrics': 'acc',
       'batch_size': args.batch_size, 'lr': args.ft_lr, 'warmup': False,
       'num_epochs': args.ft_epochs, 'print_every_steps': 50,
-      'checkpoint_every_steps': 100000, 'keep_checkpoints': 1}
+      'checkpoint_every_steps': 100000, 'keep_checkpoints': 1, 'seed': args.seed}
   command = [sys.executable, os.path.join(ROOT, 'main.py'),
              f'--config={os.path.join(ROOT, "configs/finetune.py")}',
              f'--workdir={os.path.join(workdir, "run")}']
@@ -171,6 +174,7 @@ def main() -> None:
   parser.add_argument('--mask_patch', type=int, default=40)
   parser.add_argument('--ft_epochs', type=int, default=10)
   parser.add_argument('--ft_lr', type=float, default=1e-4)
+  parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--no_finetune', action='store_true', help='probes only')
   parser.add_argument('--pretrain_run', help='an earlier pretraining run to probe')
   parser.add_argument('--out', default=os.path.join(ROOT, 'benchmarks/results/learning.json'))

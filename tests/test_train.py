@@ -1,4 +1,5 @@
-"""End-to-end training on a tiny dataset: resume, device counts, processes, NaN, export.
+"""End-to-end training on a tiny dataset: resume after faults, device counts and meshes
+(FSDP), NaN, export.
 
 Each run goes through `main.py` in a subprocess, as users run it, so that device counts
 and process groups can differ between runs.
@@ -163,7 +164,7 @@ def test_a_kill_a_preemption_and_a_damaged_checkpoint_each_resume_exactly(
   workdir = tmp_path / 'interrupted'
   args = tiny_run_flags(dataset, workdir)
 
-  # SIGKILL between checkpoints: the rerun drops the rows logged after the last one.
+  # SIGKILL: the rerun drops the rows logged after the last checkpoint.
   process = _start(args)
   wait_for_steps(workdir, 4)
   process.send_signal(signal.SIGKILL)
