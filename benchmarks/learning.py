@@ -43,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import keywords  # pylint: disable=wrong-import-position
 from ssast_jax import export, probe  # pylint: disable=wrong-import-position
+from ssast_jax.interchange import workdir as run_record  # pylint: disable=wrong-import-position
 from ssast_jax.data import sources  # pylint: disable=wrong-import-position
 from ssast_jax.finetune import labels  # pylint: disable=wrong-import-position
 from ssast_jax.model import abstract_model  # pylint: disable=wrong-import-position
@@ -192,7 +193,7 @@ def main() -> None:
   names = [f'block_{i + 1}' for i in range(args.depth)] + ['final_norm_avgtok', 'cls_tokens']
   results = {}
   for budget in budgets:
-    settings, _, params = export.workdir_params(run_dir, budget)
+    settings, _, params = run_record.workdir_params(run_dir, budget)
     train_f = depth_features(settings, params, train_x)
     val_f = depth_features(settings, params, val_x)
     results[budget] = {name: probe.probe(None, train_f[i], train_y, val_f[i], val_y)['acc']

@@ -8,17 +8,20 @@ import importlib
 
 _PUBLIC = {
     'CheckpointError': 'ssast_jax.interchange.pytorch',
-    'ClassifierHandle': 'ssast_jax.finetune',
+    'ClassifierHandle': 'ssast_jax.handles',
     'ModelConfig': 'ssast_jax.model',
-    'ModelHandle': 'ssast_jax.api',
+    'ModelHandle': 'ssast_jax.handles',
     'classify': 'ssast_jax.finetune',
     'create_model': 'ssast_jax.api',
     'embed': 'ssast_jax.finetune',
     'encode': 'ssast_jax.api',
     'finetune_model': 'ssast_jax.finetune',
     'from_pytorch': 'ssast_jax.api',
+    'from_transformers': 'ssast_jax.api',
+    'load': 'ssast_jax.api',
     'pretext_losses': 'ssast_jax.api',
     'to_pytorch': 'ssast_jax.api',
+    'to_transformers': 'ssast_jax.api',
 }
 
 __all__ = sorted(_PUBLIC) + ['masking']

@@ -1,37 +1,30 @@
-"""The public entry points: model handles, encoding, pretext losses, PyTorch interchange
-(fine-tuning: `ssast_jax.finetune`)."""
+"""The public entry points: loading any model (`load`), creating one, encoding, pretext
+losses, and exports to the original PyTorch code and to transformers (fine-tuning:
+`ssast_jax.finetune`). Nothing in the library imports this module."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ssast_jax.handles import ClassifierHandle, ModelHandle, handle_from_params
+from ssast_jax.interchange import finetuned, huggingface, model_card
 from ssast_jax.interchange import pytorch as conversion
-from ssast_jax.model import SSAST, ModelConfig, abstract_model
+from ssast_jax.loading import from_pytorch, from_transformers, load
+from ssast_jax.model import SSAST, ModelConfig
+from ssast_jax.model.classifier import ClassifierConfig
 from ssast_jax.objective import losses
 
+__all__ = ['ModelHandle', 'create_model', 'encode', 'from_pytorch', 'from_transformers',
+           'handle_from_params', 'load', 'pretext_losses', 'to_pytorch', 'to_transformers']
 
-@dataclasses.dataclass
-class ModelHandle:
-  """A model: its `config`, the NNX `graphdef` and parameter `state`, and `extras` (the
-  unused timm head tensors of an imported checkpoint, written back on export)."""
-  config: ModelConfig
-  graphdef: nnx.GraphDef
-  state: nnx.State
-  extras: dict = dataclasses.field(default_factory=dict)
-
-  @property
-  def params(self) -> dict:
-    """Parameters as a nested dict of arrays (the layout `conversion` reads and writes)."""
-    return nnx.to_pure_dict(self.state)
-
-  @property
-  def module(self) -> SSAST:
-    return nnx.merge(self.graphdef, self.state)
+# The normalisation written for a model whose source recorded none: AudioSet's, the
+# original's fine-tuning default.
+DEFAULT_MEAN, DEFAULT_STD = -4.2677393, 4.5689974
 
 
 def create_model(config: ModelConfig, seed: int = 0) -> ModelHandle:
@@ -40,43 +33,33 @@ def create_model(config: ModelConfig, seed: int = 0) -> ModelHandle:
   return ModelHandle(config, graphdef, state)
 
 
-def handle_from_params(config: ModelConfig, params: dict, extras=None) -> ModelHandle:
-  graphdef, state = abstract_model(config)
-  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
-  return ModelHandle(config, graphdef, state, dict(extras or {}))
-
-
-def from_pytorch(path, fstride=None, tstride=None, input_tdim=None, input_fdim=None):
-  """Reads an original SSAST checkpoint (`.pth`, float32 or float16, with or without the
-  `module.` prefix) of either kind.
-
-  A pretraining checkpoint gives a ModelHandle, its geometry inferred from the tensors. A
-  fine-tuned one (the original's `ASTModel(pretrain_stage=False)`) gives a classifier
-  handle; the file does not record the patch strides and the input length, so `fstride`,
-  `tstride` and `input_tdim` (and `input_fdim` where it is not 128) must be given; a
-  pretraining file takes none of them.
-  """
-  # Imported here: the fine-tuning modules build on this one.
-  from ssast_jax.finetune import model as finetune
-  from ssast_jax.interchange import finetuned
-  config, params, extras = finetuned.read_any_checkpoint(path, fstride, tstride, input_tdim,
-                                                         input_fdim)
-  if isinstance(config, finetune.ClassifierConfig):
-    return finetune.classifier_from_params(config, params, extras)
-  return handle_from_params(config, params, extras)
-
-
 def to_pytorch(model, path) -> None:
   """Writes `model` in exactly the original's layout, loadable by the original code: a
   ModelHandle as its pretraining checkpoint (SPEC section 9), a classifier as its
   fine-tuned model's `DataParallel` state dict."""
-  # Imported here: the fine-tuning modules build on this one.
-  from ssast_jax.finetune import model as finetune
-  from ssast_jax.interchange import finetuned
-  if isinstance(model, finetune.ClassifierHandle):
+  if isinstance(model, ClassifierHandle):
     finetuned.write_checkpoint(model.params, model.config, path, model.extras)
   else:
     conversion.write_checkpoint(model.params, model.config, path, model.extras)
+
+
+def to_transformers(model, out, *, labels=None, mean=None, std=None) -> None:
+  """Writes `model` (a handle or anything `load` reads) as a transformers AST folder `out`:
+  config.json, model.safetensors, preprocessor_config.json for `ASTFeatureExtractor` and a
+  README.md model card (`ssast_jax.interchange.huggingface` says which file holds what).
+  `labels` (display names in index order), `mean` and `std` default to what the source
+  recorded (a fine-tuning run records all three), else LABEL_k and AudioSet's statistics.
+  Refuses, in one line, models transformers cannot hold (non-square patches)."""
+  model = load(model)
+  info = model.info
+  labels = labels if labels is not None else info.get('labels')
+  mean = next(v for v in (mean, info.get('mean'), DEFAULT_MEAN) if v is not None)
+  std = next(v for v in (std, info.get('std'), DEFAULT_STD) if v is not None)
+  huggingface.exportable(model.config)
+  if isinstance(model.config, ClassifierConfig) and not labels:
+    labels = [f'LABEL_{k}' for k in range(model.config.num_labels)]
+  card = model_card.model_card(model.config, info, labels, mean, std, os.fspath(out))
+  huggingface.write_directory(out, model.config, model.params, labels, mean, std, card)
 
 
 @functools.partial(jax.jit, static_argnums=0)

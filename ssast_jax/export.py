@@ -1,53 +1,32 @@
-"""Export a training run's parameters in the original PyTorch layout.
+"""Export a model for the original PyTorch code or for transformers.
 
 python -m ssast_jax.export --workdir W --out model.pth [--which best|latest|STEP]
+python -m ssast_jax.export --workdir FT --format=transformers --out DIR
+python -m ssast_jax.export --model SSAST-Base-Patch-400.pth --format=transformers --out DIR
 """
 
 from __future__ import annotations
 
 import argparse
-
-import jax
+import time
 
 from ssast_jax import api
-from ssast_jax.config.settings import resolve_saved
-from ssast_jax.model import abstract_model
-from ssast_jax.training import checkpoints
-from ssast_jax.training.state import init_state
+from ssast_jax.interchange.pytorch import CheckpointError
+
+FORMATS = ('pytorch', 'transformers')
 
 
-def workdir_params(workdir: str, which: str | int = 'latest'):
-  """(settings, step, parameters) of the `which` ('best', 'latest' or a step number)
-  checkpoint of a training run: the run's saved config and only the parameters (no optimiser state), on
-  this process's first device whatever the run's mesh was."""
-  settings = resolve_saved(checkpoints.read_config(workdir))
-  mngr = checkpoints.manager(workdir, settings.objective.task, settings.run.keep_checkpoints)
-  try:
-    if isinstance(which, int):
-      step = which
-      if step not in mngr.all_steps():
-        raise FileNotFoundError(f'{checkpoints.checkpoint_dir(workdir)}: no checkpoint of step '
-                                f'{step} (there are: {sorted(mngr.all_steps())})')
-    else:
-      step = mngr.best_step() if which == 'best' else mngr.latest_step()
-    if step is None:
-      raise FileNotFoundError(f'{checkpoints.checkpoint_dir(workdir)}: no checkpoint to load')
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract_params = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-        jax.eval_shape(lambda: init_state(settings.model, 0, settings.optim.lr))['params'])
-    params = checkpoints.restore_params(mngr, step, abstract_params)
-  finally:
-    mngr.close()
-  return settings, step, params
-
-
-def export(workdir: str, out: str, which: str | int = 'best') -> int:
-  """Writes the `which` checkpoint of `workdir` to `out`; returns its step."""
-  settings, step, params = workdir_params(workdir, which)
-  graphdef, _ = abstract_model(settings.model)
-  api.to_pytorch(api.ModelHandle(settings.model, graphdef, params), out)
-  return step
+def export(workdir: str, out: str, which: str | int = 'best', fmt: str = 'pytorch',
+           **geometry):
+  """Writes the `which` checkpoint of `workdir` (or the model file or folder `workdir`
+  names; `geometry`: fstride, tstride, input_tdim for an original fine-tuned `.pth`) to
+  `out` in format `fmt`; returns the handle written."""
+  handle = api.load(workdir, which, **geometry)
+  if fmt == 'transformers':
+    api.to_transformers(handle, out)
+  else:
+    api.to_pytorch(handle, out)
+  return handle
 
 
 def _which(text: str) -> str | int:
@@ -61,16 +40,32 @@ def _which(text: str) -> str | int:
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(prog='python -m ssast_jax.export',
                                    description=__doc__.split('\n\n')[0])
-  parser.add_argument('--workdir', required=True, help='the training run directory')
-  parser.add_argument('--out', required=True, help='the .pth file to write')
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument('--workdir', help='a training run directory (pretraining or fine-tuning)')
+  source.add_argument('--model', help='a model file or folder: an original .pth or a '
+                      'transformers AST folder')
+  parser.add_argument('--out', required=True,
+                      help='the .pth file (pytorch) or the folder (transformers) to write')
+  parser.add_argument('--format', choices=FORMATS, default='pytorch',
+                      help='pytorch: the original SSAST layout (default); transformers: '
+                      'ASTModel / ASTForAudioClassification with a model card')
   parser.add_argument('--which', type=_which, default='best',
                       help='best validation checkpoint (default), the latest, or a step number')
+  for name in ('fstride', 'tstride', 'input_tdim'):
+    parser.add_argument(f'--{name}', type=int,
+                        help=f'{name} of an original fine-tuned .pth (it does not record it)')
   args = parser.parse_args(argv)
+  geometry = {k: getattr(args, k) for k in ('fstride', 'tstride', 'input_tdim')
+              if getattr(args, k) is not None}
+  start = time.perf_counter()
   try:
-    step = export(args.workdir, args.out, args.which)
-  except (FileNotFoundError, ValueError) as e:
+    handle = export(args.workdir or args.model, args.out, args.which, args.format, **geometry)
+  except (FileNotFoundError, FileExistsError, ValueError, CheckpointError) as e:
     raise SystemExit(f'error: {e}') from None
-  print(f'wrote {args.out} from the {args.which} checkpoint (step {step}) of {args.workdir}')
+  step = handle.info.get('step')
+  origin = (f'the {args.which} checkpoint (step {step}) of {args.workdir}' if args.workdir
+            else args.model)
+  print(f'wrote {args.out} ({args.format}) from {origin} in {time.perf_counter() - start:.1f} s')
 
 
 if __name__ == '__main__':

@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from ssast_jax import api
+from ssast_jax import loading
 from ssast_jax.config.settings import resolve_saved, split_shards_dir
 from ssast_jax.data.shards import ManifestError, read_manifest
 from ssast_jax.features import FRAME_LENGTH_MS, FRAME_SHIFT_MS, fbank_jax, frame_geometry
@@ -121,7 +121,7 @@ def load_model(model_file_path: str = '', *, mean: float | None = None,
     handle = pretrained_from_workdir(path)
     statistics = (mean, std) if None not in (mean, std) else _workdir_statistics(path)
   else:
-    handle = api.from_pytorch(path, fstride, tstride, input_tdim, input_fdim)
+    handle = loading.from_pytorch(path, fstride, tstride, input_tdim, input_fdim)
     statistics = AUDIOSET_MEAN, AUDIOSET_STD
   return Model(handle, statistics[0] if mean is None else mean,
                statistics[1] if std is None else std, batch_size)

@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ssast_jax import api
+from ssast_jax import loading
 from ssast_jax.data import convert, sources
 from ssast_jax.finetune import embed, evaluation, labels, pretrained_from_workdir
 
@@ -268,7 +268,7 @@ def _load(args):
     if None in (args.mean, args.std):
       mean, std = hear._workdir_statistics(args.model)  # pylint: disable=protected-access
   elif os.path.isfile(args.model):
-    model = api.from_pytorch(args.model)
+    model = loading.from_pytorch(args.model)
   else:
     raise FileNotFoundError(f'--model {args.model}: no such training workdir or .pth file')
   mean = mean if args.mean is None else args.mean

@@ -33,7 +33,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
-from ssast_jax import api
+from ssast_jax.handles import ModelHandle
 from ssast_jax.config.settings import ConfigError, Settings, resolve_saved, split_shards_dir
 from ssast_jax.data import ManifestError, ShardedFeatures, read_manifest
 from ssast_jax.data.pipeline import BatchAssembler
@@ -77,7 +77,7 @@ def draw_mask(settings: Settings, key: jax.Array, mode: str | None = None) -> np
                                             mode or o.mask_mode, o.cluster_factor)[0])
 
 
-def clip_figure_image(model: api.ModelHandle, clip, mask, *, title: str = '') -> np.ndarray:
+def clip_figure_image(model: ModelHandle, clip, mask, *, title: str = '') -> np.ndarray:
   """The clip figure of `model` as an RGB image `(H, W, 3)` uint8 (TensorBoard's HWC).
 
   `clip`: one normalised clip `(input_tdim, input_fdim)`, as the input pipeline gives it;

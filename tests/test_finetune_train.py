@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import ssast_jax
+from ssast_jax import export
 from ssast_jax.config.finetune import ConfigError, default_config, resolve_finetune
 from tests import runs
 
@@ -230,3 +231,27 @@ def test_balanced_sampling_follows_the_weights(dataset, tmp_path):
                              sample_weights=per_clip)
   drawn = np.concatenate([next(loader)['labels'] for _ in range(12)])
   assert np.all(drawn[:, 0] == 1)
+
+
+def test_a_fine_tuning_run_loads_and_exports_as_it_ran(full_run, tmp_path):
+  """`ssast_jax.load(WORKDIR)`: the best checkpoint's classifier with the run's pooling,
+  label names and normalisation; the transformers export of it says so too."""
+  best = ssast_jax.load(full_run)
+  assert isinstance(best, ssast_jax.ClassifierHandle)
+  assert (best.config.pooling, best.config.num_labels, best.config.fstride) == ('avgtok', 3, 16)
+  assert best.info['labels'] == ['class 0', 'class 1', 'class 2']
+  assert (best.info['mean'], best.info['std']) == (-7.0, 2.5)
+  latest = ssast_jax.load(full_run, which='latest')
+  assert latest.info['step'] == 18
+  assert best.info['step'] in (6, 12, 18)
+  export.main(['--workdir', str(full_run), '--which', 'latest', '--out', str(tmp_path / 'ft.pth')])
+  from_pth = ssast_jax.from_pytorch(tmp_path / 'ft.pth', fstride=16, tstride=16, input_tdim=64,
+                                    input_fdim=64)
+  x = np.random.default_rng(0).standard_normal((2, 64, 64)).astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(ssast_jax.classify(latest, x)),
+                                np.asarray(ssast_jax.classify(from_pth, x)))
+  export.main(['--workdir', str(full_run), '--format=transformers', '--out',
+               str(tmp_path / 'hf')])
+  card = (tmp_path / 'hf' / 'README.md').read_text()
+  assert 'class 2' in card and '| last epoch | 3 |' in card
+  assert json.loads((tmp_path / 'hf' / 'preprocessor_config.json').read_text())['mean'] == -7.0

@@ -19,6 +19,7 @@ import pytest
 
 import ssast_jax
 from ssast_jax import export
+from ssast_jax.interchange import workdir as run_record
 from ssast_jax.config.settings import resolve
 from ssast_jax.data.demo import write_demo_dataset
 from ssast_jax.training import checkpoints, faults
@@ -72,7 +73,8 @@ def test_export_writes_the_checkpoints_parameters(reference_run, tmp_path, capsy
     mngr.close()
   out = tmp_path / 'model.pth'
   export.main(['--workdir', str(reference_run), '--out', str(out), '--which', 'latest'])
-  assert capsys.readouterr().out.startswith(f'wrote {out} from the latest checkpoint (step 18)')
+  assert capsys.readouterr().out.startswith(
+      f'wrote {out} (pytorch) from the latest checkpoint (step 18) of {reference_run} in ')
   exported = jax.tree.leaves(ssast_jax.from_pytorch(out).params)
   restored = jax.tree.leaves(state['params'])
   assert len(exported) == len(restored) == 28
@@ -84,12 +86,12 @@ def test_export_of_a_step_number(reference_run):
   """`which` as a step number reads that checkpoint; a step without one is named."""
   steps = checkpoints.complete_steps(str(reference_run))
   assert len(steps) >= 2
-  _, step, first = export.workdir_params(str(reference_run), steps[0])
-  _, _, last = export.workdir_params(str(reference_run), 'latest')
+  _, step, first = run_record.workdir_params(str(reference_run), steps[0])
+  _, _, last = run_record.workdir_params(str(reference_run), 'latest')
   assert step == steps[0]
   assert not np.array_equal(_flat(first), _flat(last))
   with pytest.raises(FileNotFoundError, match=f'no checkpoint of step 7777 .*{steps[0]}'):
-    export.workdir_params(str(reference_run), 7777)
+    run_record.workdir_params(str(reference_run), 7777)
 
 
 def _flat(tree):

@@ -26,15 +26,18 @@ import time
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.experimental import multihost_utils
 
-from ssast_jax import api, data
+from ssast_jax import data
 from ssast_jax.config.finetune import FinetuneSettings, check_devices, resolve_finetune
 from ssast_jax.config.settings import ConfigError
 from ssast_jax.data import convert
 from ssast_jax.finetune import augment, evaluation, labels as labels_lib, lr_schedule
-from ssast_jax.finetune.model import ClassifierHandle, classifier_from_params, finetune_model
+from ssast_jax.finetune.model import finetune_model
 from ssast_jax.finetune.step import FinetuneStep, add_params, base_lrs, finetune_step
+from ssast_jax.handles import ClassifierHandle, classifier_from_params
+from ssast_jax.interchange import finetuned, workdir as run_record
 from ssast_jax.training import checkpoints, faults, metrics
 from ssast_jax.training import train as pretrain
 from ssast_jax.training.prefetch import DevicePrefetcher
@@ -108,7 +111,8 @@ def build_classifier(settings: FinetuneSettings, num_labels: int) -> ClassifierH
     handle = finetune_model(settings.pretrained, num_labels=num_labels,
                             fstride=settings.fstride, tstride=settings.tstride,
                             input_tdim=settings.data.target_length,
-                            input_fdim=settings.data.num_mel_bins, seed=settings.seed)
+                            input_fdim=settings.data.num_mel_bins, seed=settings.seed,
+                            pooling=settings.pooling)
   except (ValueError, TypeError) as error:
     raise ConfigError(f'pretrained: {settings.pretrained}: {error}') from None
   if handle.config.dtype != settings.dtype:
@@ -184,8 +188,9 @@ def weight_average(state: dict, handle: ClassifierHandle, splits,
   np.savetxt(os.path.join(workdir, 'wa_result.csv'),
              [stats[k] for k in ('mAP', 'mAUC', 'average_precision', 'average_recall',
                                  'd_prime')])
-  api.to_pytorch(ClassifierHandle(handle.config, handle.graphdef, averaged, handle.extras),
-                 os.path.join(workdir, 'wa_model.pth'))
+  finetuned.write_checkpoint(nnx.to_pure_dict(averaged) if isinstance(averaged, nnx.State)
+                             else averaged, handle.config,
+                             os.path.join(workdir, 'wa_model.pth'), handle.extras)
   log(f'weight average of epochs {settings.wa_start}-{settings.wa_end}: ' +
       ', '.join(f'{k} {stats[k]:.4f}' for k in ('acc', 'mAP', 'mAUC')))
   return stats
@@ -245,6 +250,9 @@ def train_and_evaluate(config, workdir: str, verify_data: bool = False) -> dict:
 
   # ---- Classifier and optimiser state: fresh, or restored from the latest checkpoint.
   handle = build_classifier(settings, table.num_labels)
+  if is_main:
+    run_record.write_model_record(workdir, handle.config, table.display_names, splits.mean,
+                                  splits.std)
   setup = finetune_step(settings, handle.graphdef, handle.state, steps_per_epoch,
                         float(augment.normalised_zero(splits.mean, splits.std)))
   mngr = checkpoints.manager(workdir, settings.task, settings.keep_checkpoints,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import collections
 
-from ssast_jax.finetune.model import ClassifierConfig, abstract_classifier
+from ssast_jax.model.classifier import ClassifierConfig, abstract_classifier
 from ssast_jax.interchange import pytorch
 from ssast_jax.interchange.pytorch import PREFIX, CheckpointError
 from ssast_jax.model import NUM_LEADING_TOKENS, patch_count

@@ -92,9 +92,9 @@ def torch_shapes(entries, params, config) -> dict[str, tuple]:
   import jax
   shapes = {}
   for torch_name, path, transform in entries:
-    to_torch = functools.partial(_to_torch, transform=transform, config=config)
+    convert = functools.partial(to_torch, transform=transform, config=config)
     shapes[torch_name] = jax.eval_shape(
-        to_torch, jax.ShapeDtypeStruct(_get_path(params, path).shape, 'float32')).shape
+        convert, jax.ShapeDtypeStruct(get_path(params, path).shape, 'float32')).shape
   return shapes
 
 
@@ -171,7 +171,7 @@ def check_tensors(arrays, shapes: dict[str, tuple], path, layout: str, config) -
                           f'geometry {config}: ' + '; '.join(problems))
 
 
-def _to_jax(value: np.ndarray, transform: str, config: ModelConfig) -> np.ndarray:
+def to_jax(value: np.ndarray, transform: str, config: ModelConfig) -> np.ndarray:
   if transform == 'linear':
     return value.T
   if transform == 'conv':
@@ -179,7 +179,7 @@ def _to_jax(value: np.ndarray, transform: str, config: ModelConfig) -> np.ndarra
   return value
 
 
-def _to_torch(value: np.ndarray, transform: str, config: ModelConfig) -> np.ndarray:
+def to_torch(value: np.ndarray, transform: str, config: ModelConfig) -> np.ndarray:
   if transform == 'linear':
     return value.T
   if transform == 'conv':
@@ -187,13 +187,13 @@ def _to_torch(value: np.ndarray, transform: str, config: ModelConfig) -> np.ndar
   return value
 
 
-def _set_path(tree: dict, path, value):
+def set_path(tree: dict, path, value):
   for part in path[:-1]:
     tree = tree.setdefault(part, {})
   tree[path[-1]] = value
 
 
-def _get_path(tree, path):
+def get_path(tree, path):
   for part in path:
     tree = tree[part]
   return tree
@@ -204,8 +204,8 @@ def params_from_arrays(arrays: dict[str, np.ndarray], entries, config) -> dict:
   from unprefixed tensors, float32."""
   params = {}
   for torch_name, path, transform in entries:
-    value = _to_jax(arrays[torch_name], transform, config)
-    _set_path(params, path, np.ascontiguousarray(value, dtype=np.float32))
+    value = to_jax(arrays[torch_name], transform, config)
+    set_path(params, path, np.ascontiguousarray(value, dtype=np.float32))
   return params
 
 
@@ -213,8 +213,8 @@ def torch_arrays(params, entries, config) -> 'collections.OrderedDict':
   """The prefixed state-dict entries of the tensor-map `entries`, in their order, float32."""
   out = collections.OrderedDict()
   for torch_name, path, transform in entries:
-    value = np.asarray(_get_path(params, path), np.float32)
-    out[PREFIX + torch_name] = np.ascontiguousarray(_to_torch(value, transform, config))
+    value = np.asarray(get_path(params, path), np.float32)
+    out[PREFIX + torch_name] = np.ascontiguousarray(to_torch(value, transform, config))
   return out
 
 

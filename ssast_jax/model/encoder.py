@@ -52,6 +52,7 @@ class ModelConfig:
   dtype: str = 'float32'
   remat: bool = False
   remat_policy: str = 'nothing_saveable'
+  layer_norm_epsilon: float = LAYER_NORM_EPSILON
 
   @classmethod
   def from_size(cls, size: str, depth: int | None = None, **kwargs) -> 'ModelConfig':
@@ -134,8 +135,8 @@ def vit_linear(in_features: int, out_features: int, config: ModelConfig, rngs: n
 
 
 def layer_norm(dim: int, config: ModelConfig, rngs: nnx.Rngs):
-  """The encoder's LayerNorm: epsilon 1e-6, statistics in float32."""
-  return nnx.LayerNorm(dim, epsilon=LAYER_NORM_EPSILON, dtype=config.compute_dtype,
+  """The encoder's LayerNorm: epsilon `config.layer_norm_epsilon`, statistics in float32."""
+  return nnx.LayerNorm(dim, epsilon=config.layer_norm_epsilon, dtype=config.compute_dtype,
                        rngs=rngs)
 
 

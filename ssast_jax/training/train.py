@@ -130,12 +130,12 @@ def picture_drawer(settings: Settings, setup: StepSetup, workdir: str):
   several processes (the parameters are not all on this host)."""
   if not settings.run.eval_picture or jax.process_count() > 1:
     return None
-  from ssast_jax import api, visualize  # pylint: disable=import-outside-toplevel
+  from ssast_jax import handles, visualize  # pylint: disable=import-outside-toplevel
   _, _, clips = visualize.normalised_clips(settings, workdir, 'val', 1)
   mask = visualize.draw_mask(settings, jax.random.key(settings.run.seed))
 
   def draw(params, step: int, writer: metrics.MetricsWriter) -> None:
-    model = api.ModelHandle(settings.model, setup.graphdef, params)
+    model = handles.ModelHandle(settings.model, setup.graphdef, params)
     writer.write_image(step, 'val/clip',
                        visualize.clip_figure_image(model, clips[0], mask, title=f'step {step}'))
   return draw
