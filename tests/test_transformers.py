@@ -196,3 +196,14 @@ def test_what_cannot_be_exported_is_refused_in_one_line(tmp_path):
   (tmp_path / 'full' / 'x').write_text('')
   with pytest.raises(FileExistsError, match='not an empty folder'):
     ssast_jax.to_transformers(ssast_jax.from_pytorch(PRETRAINED), tmp_path / 'full')
+
+
+def test_training_and_the_api_do_not_import_transformers():
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  code = ('import sys, ssast_jax.training.train, ssast_jax.finetune.train, ssast_jax.api; '
+          'print(sorted({m.split(".")[0] for m in sys.modules} '
+          '& {"transformers", "safetensors", "torch"}))')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                       check=True, cwd=runs.ROOT)
+  assert out.stdout.strip() == '[]'
