@@ -15,6 +15,12 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='ssast_jax_tests_cache_')
   atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 
+# The tests run on the CPU; the compile-only TPU and CUDA backends (requirements-compile.txt)
+# must not try to start runtimes that this machine lacks.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 

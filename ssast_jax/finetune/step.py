@@ -127,25 +127,30 @@ class FinetuneStep:
 
 
 def finetune_step(settings: FinetuneSettings, graphdef, params, steps_per_epoch: int,
-                  mask_value: float) -> FinetuneStep:
-  """Everything replicated on every device, the batch split over them (data parallel)."""
-  mesh = sharding.make_mesh(1)
+                  mask_value: float, devices=None) -> FinetuneStep:
+  """Everything replicated on every device (or on `devices`, a topology's, where `params`
+  may be shape-dtype structs and `state` is then None), the batch split over them."""
+  mesh = sharding.make_mesh(1, devices)
   replicated = sharding.replicated(mesh)
   if settings.adaptschedule:
     encoder_lr, tx = None, lr_schedule.adam_l2()
   else:
     encoder_lr, head_lr = schedules(settings, steps_per_epoch)
     tx = lr_schedule.finetune_optimizer(encoder_lr, head_lr)
-  state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params),
-           'loss_sum': jnp.zeros((), jnp.float32)}
-  if settings.adaptschedule:
-    state['lr'] = {group: jnp.asarray(lr, jnp.float32)
-                   for group, lr in base_lrs(settings).items()}
-  if settings.wa:
-    state['wa_sum'] = jax.tree.map(jnp.zeros_like, params)
-  state = jax.device_put(state, replicated)
+
+  def fresh_state(params):
+    state = {'step': jnp.zeros((), jnp.int32), 'params': params,
+             'opt_state': tx.init(params), 'loss_sum': jnp.zeros((), jnp.float32)}
+    if settings.adaptschedule:
+      state['lr'] = {group: jnp.asarray(lr, jnp.float32)
+                     for group, lr in base_lrs(settings).items()}
+    if settings.wa:
+      state['wa_sum'] = jax.tree.map(jnp.zeros_like, params)
+    return state
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-                          state)
+                          jax.eval_shape(fresh_state, params))
+  concrete = not any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(params))
+  state = jax.device_put(fresh_state(params), replicated) if concrete else None
   batch = sharding.batch_sharding(mesh)
   step = jax.jit(functools.partial(train_step, graphdef=graphdef, settings=settings, tx=tx,
                                    encoder_lr=encoder_lr, mask_value=mask_value, mesh=mesh),

@@ -20,13 +20,14 @@ BATCH_AXES = ('data', 'fsdp')  # the batch dimension is split over every device
 MIN_SHARDED_ELEMENTS = 2 ** 14
 
 
-def make_mesh(fsdp: int = 1) -> Mesh:
-  """A (device_count // fsdp) x fsdp mesh over all devices (of every process)."""
-  count = jax.device_count()
+def make_mesh(fsdp: int = 1, devices=None) -> Mesh:
+  """A (device_count // fsdp) x fsdp mesh over `devices`: all devices (of every process)
+  by default, or those of a topology compiled for without being present (`ssast_jax.plan`)."""
+  count = jax.device_count() if devices is None else len(devices)
   if fsdp < 1 or count % fsdp:
     raise ValueError(f'fsdp is {fsdp}, which does not divide the {count} devices')
   return jax.make_mesh((count // fsdp, fsdp), MESH_AXES,
-                       axis_types=(AxisType.Auto, AxisType.Auto))
+                       axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

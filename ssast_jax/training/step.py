@@ -193,11 +193,12 @@ class StepSetup:
     return sharding.batch_sharding(self.mesh)
 
 
-def step_setup(settings: Settings) -> StepSetup:
-  """Mesh, state layout and jitted step on all devices; raises ConfigError when `fsdp` or
-  the batch do not split over them."""
-  check_devices(settings, jax.device_count())
-  mesh = sharding.make_mesh(settings.run.fsdp)
+def step_setup(settings: Settings, devices=None) -> StepSetup:
+  """Mesh, state layout and jitted step on all devices (or on `devices`, e.g. a topology's
+  for compiling without them); raises ConfigError when `fsdp` or the batch do not split
+  over them."""
+  check_devices(settings, jax.device_count() if devices is None else len(devices))
+  mesh = sharding.make_mesh(settings.run.fsdp, devices)
   fresh_state = functools.partial(init_state, settings.model, settings.run.seed,
                                   settings.optim.lr)
   abstract = jax.eval_shape(fresh_state)

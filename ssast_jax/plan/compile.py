@@ -1,0 +1,275 @@
+"""The run's own jitted steps compiled for a target's devices, and what the compiler says.
+
+`plan_run(config, target)` builds exactly what main.py would run (the settings, the mesh
+over the target's devices, the state's FSDP layout, the donated jitted training step,
+dtype, remat, accumulation), compiles it and the evaluation step for those devices without
+them, and returns one record per target: memory per device against the chip, FLOPs and
+bytes per device, the collectives, and a roofline estimate of the step's time. Figures
+are compiler estimates, not measurements.
+
+Per device, memory is what XLA's buffer assignment reports: arguments + outputs - aliased
+(the donated state) + temporaries. TPUs refuse at compile time a program larger than HBM;
+for GPUs, which XLA does not check, the fit is that peak against the memory JAX may use
+(`gpu_memory_fraction` of the card, 0.75 by default as in JAX). TPU compiles report their
+FLOPs and bytes accessed; GPU compiles do not, so they come from the same global step
+lowered for the CPU, divided by the device count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ssast_jax import accelerators
+from ssast_jax.config import finetune as finetune_config
+from ssast_jax.config.settings import ConfigError, resolve
+from ssast_jax.plan import collectives
+
+JAX_GPU_MEMORY_FRACTION = 0.75  # XLA_PYTHON_CLIENT_MEM_FRACTION's default
+# Retried with on a GPU compile that fails for lack of autotuning (no device to tune on).
+NO_TRITON_GEMM = {'xla_gpu_enable_triton_gemm': False}
+
+
+@dataclasses.dataclass
+class Step:
+  """One jitted step and the abstract arguments to compile it with."""
+  jitted: object
+  args: tuple
+  kwargs: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Build:
+  """The run's steps for a set of devices: training and evaluation, the global batch,
+  the state (for its per-device bytes) and the compute dtype."""
+  train: Step
+  evaluate: Step
+  batch_size: int
+  state: object
+  dtype: str
+  task: str
+
+
+def _struct(shape, dtype, sharding):
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+
+def pretraining_build(settings, devices) -> Build:
+  """main.py's pretraining step (`training.step.step_setup`) on `devices`."""
+  from ssast_jax.training.step import eval_step, step_setup  # pylint: disable=import-outside-toplevel
+  setup = step_setup(settings, devices)
+  batch = _struct(settings.batch_shape, jnp.float32, setup.batch_sharding)
+  eval_args = (setup.abstract_state['params'], batch,
+               _struct(batch.shape[:1], jnp.bool_, setup.batch_sharding),
+               _struct((), jnp.int32, jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec())))
+  return Build(Step(setup.step, (setup.abstract_state, batch)),
+               Step(eval_step, eval_args, dict(graphdef=setup.graphdef, settings=settings,
+                                               mesh=setup.mesh)),
+               settings.optim.batch_size, setup.abstract_state, settings.model.dtype,
+               settings.objective.task)
+
+
+def finetuning_build(settings, devices, encoder, num_labels: int) -> Build:
+  """The fine-tuning step (`finetune.step.finetune_step`) of a classifier on `encoder`'s
+  geometry (a ModelConfig) with `num_labels` outputs, on `devices`."""
+  from ssast_jax.finetune.step import finetune_step  # pylint: disable=import-outside-toplevel
+  from ssast_jax.model.classifier import ClassifierConfig, abstract_classifier  # pylint: disable=import-outside-toplevel
+  finetune_config.check_devices(settings, len(devices))
+  fields = {f.name: getattr(encoder, f.name) for f in dataclasses.fields(encoder)
+            if f.name in ('embed_dim', 'num_heads', 'depth', 'fshape', 'tshape',
+                          'layer_norm_epsilon')}
+  config = ClassifierConfig(**fields, fstride=settings.fstride, tstride=settings.tstride,
+                            input_fdim=settings.data.num_mel_bins,
+                            input_tdim=settings.data.target_length, num_labels=num_labels,
+                            dtype=settings.dtype, pooling=settings.pooling)
+  graphdef, params = abstract_classifier(config)
+  setup = finetune_step(settings, graphdef, params, steps_per_epoch=1000, mask_value=0.0,
+                        devices=devices)
+  shape = (settings.batch_size, settings.data.target_length, settings.data.num_mel_bins)
+  batch = _struct(shape, jnp.float32, setup.batch_sharding)
+  labels = _struct((settings.batch_size, num_labels), jnp.float32, setup.batch_sharding)
+  return Build(Step(setup.step, (setup.abstract_state, batch, labels)),
+               Step(setup.evaluate, (setup.abstract_state['params'], batch, labels)),
+               settings.batch_size, setup.abstract_state, settings.dtype, settings.task)
+
+
+def resolve_any(config):
+  """(settings, is_finetuning) of a pretraining or fine-tuning config, without data checks."""
+  if config.get('task') in finetune_config.TASKS:
+    return finetune_config.resolve_finetune(config, check_data=False), True
+  return resolve(config, check_data=False), False
+
+
+def build(config, devices, encoder=None, num_labels: int = 527) -> Build:
+  settings, finetuning = resolve_any(config)
+  if finetuning:
+    return finetuning_build(settings, devices, encoder, num_labels)
+  return pretraining_build(settings, devices)
+
+
+def _compile(step: Step, options=None):
+  """Compiled without JAX's persistent cache, which cannot hold programs for devices that
+  are not present (it fails to read them back, and only warns)."""
+  from jax._src import config as jax_config  # pylint: disable=import-outside-toplevel
+  with jax_config.enable_compilation_cache(False):
+    return step.jitted.lower(*step.args, **step.kwargs).compile(compiler_options=options)
+
+
+def _memory(compiled) -> dict:
+  stats = compiled.memory_analysis()
+  arguments, outputs = stats.argument_size_in_bytes, stats.output_size_in_bytes
+  aliased, temporaries = stats.alias_size_in_bytes, stats.temp_size_in_bytes
+  return {'arguments': arguments, 'outputs': outputs, 'aliased': aliased,
+          'temporaries': temporaries, 'code': stats.generated_code_size_in_bytes,
+          'peak': arguments + outputs - aliased + temporaries}
+
+
+def _cost(compiled) -> dict:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return dict(cost or {})
+
+
+def state_bytes(state) -> dict:
+  """Bytes per device of the state's parameters, optimiser state and the rest, from the
+  arrays' shapes and shardings (the largest shard)."""
+  totals = {'params': 0, 'optimizer': 0, 'other': 0}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+    shard = leaf.sharding.shard_shape(leaf.shape)
+    size = math.prod(shard) * np.dtype(leaf.dtype).itemsize
+    top = getattr(path[0], 'key', None)
+    group = ('params' if top == 'params' else 'optimizer' if top == 'opt_state' else 'other')
+    totals[group] += size
+  return totals
+
+
+def _exhausted(error: Exception) -> bool:
+  text = str(error)
+  return 'RESOURCE_EXHAUSTED' in text or 'Ran out of memory' in text
+
+
+def compile_step(step: Step, platform: str) -> dict:
+  """Compiles `step`; {'compiled', 'memory', 'cost', 'compile_s', 'xla_options'} or, for a
+  TPU program larger than HBM, {'exhausted': message}."""
+  start, options = time.perf_counter(), None
+  try:
+    compiled = _compile(step)
+  except Exception as error:  # pylint: disable=broad-except
+    if platform == 'tpu' and _exhausted(error):
+      return {'exhausted': str(error).splitlines()[0][:300],
+              'compile_s': time.perf_counter() - start}
+    if platform != 'cuda' or 'tile sizes' not in str(error):
+      raise
+    options = NO_TRITON_GEMM
+    compiled = _compile(step, options)
+  return {'compiled': compiled, 'memory': _memory(compiled), 'cost': _cost(compiled),
+          'compile_s': time.perf_counter() - start, 'xla_options': options or {}}
+
+
+def cpu_cost(config, encoder=None, num_labels: int = 527) -> dict:
+  """FLOPs and bytes accessed of the same global training step on one CPU device (from
+  the lowered program, before optimisation: no compile)."""
+  cpu = jax.devices('cpu')[:1]
+  train = build(config, cpu, encoder, num_labels).train
+  cost = train.jitted.lower(*train.args, **train.kwargs).cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  return dict(cost or {})
+
+
+def plan_run(config, target: accelerators.Target, devices, *, encoder=None,
+             num_labels: int = 527, gpu_memory_fraction: float = JAX_GPU_MEMORY_FRACTION,
+             run_clips: int | None = None, with_eval: bool = True) -> dict:
+  """The record of `config` on `target` (see the module docstring); ConfigError in one
+  line where the config cannot run there."""
+  chip = target.chip
+  built = build(config, devices, encoder, num_labels)
+  if built.dtype not in chip.peak_flops:
+    raise ConfigError(f'dtype {built.dtype} is not supported by the {chip.name} '
+                      f'(it has {", ".join(chip.dtypes)}): set --config.dtype=float32')
+  capacity = chip.memory_bytes if chip.platform == 'tpu' else int(
+      chip.memory_bytes * gpu_memory_fraction)
+  count = len(devices)
+  record = {'target': target.name, 'device_kind': devices[0].device_kind, 'devices': count,
+            'hosts': target.hosts, 'slices': target.slices, 'task': built.task,
+            'dtype': built.dtype, 'batch_size': built.batch_size,
+            'batch_per_device': built.batch_size / count,
+            'capacity_bytes_per_device': capacity}
+  record.update(_settings_summary(config))
+  train = compile_step(built.train, chip.platform)
+  record['compile_s'] = round(train['compile_s'], 1)
+  state = state_bytes(built.state)
+  record['memory'] = {**state, 'batch': _batch_bytes(built)}
+  if 'exhausted' in train:
+    record.update(fits=False, peak_bytes_per_device=None, margin_bytes=None,
+                  compiler_error=train['exhausted'])
+    return record
+  memory, cost = train['memory'], train['cost']
+  record['memory'].update(temporaries=memory['temporaries'], arguments=memory['arguments'],
+                          outputs=memory['outputs'], aliased=memory['aliased'])
+  record.update(peak_bytes_per_device=memory['peak'], fits=memory['peak'] <= capacity,
+                margin_bytes=capacity - memory['peak'], xla_options=train['xla_options'])
+  if not cost.get('flops'):
+    cost = {k: v / count for k, v in cpu_cost(config, encoder, num_labels).items()
+            if k in ('flops', 'bytes accessed')}
+    record['cost_source'] = 'cpu lowering / devices'
+  else:
+    record['cost_source'] = 'target compile'
+    optimal = cost.get('optimal_seconds')
+    record['tpu_cost_model_s'] = optimal if optimal and optimal > 0 else None
+  comms = collectives.summary(train['compiled'].as_text())
+  record['collectives'] = comms
+  record.update(_estimate(chip, built.dtype, cost, comms, built.batch_size, count, run_clips))
+  if with_eval:
+    evaluation = compile_step(built.evaluate, chip.platform)
+    if 'exhausted' in evaluation:
+      record['eval'] = {'fits': False, 'peak_bytes_per_device': None}
+    else:
+      peak = evaluation['memory']['peak']
+      record['eval'] = {'fits': peak <= capacity, 'peak_bytes_per_device': peak,
+                        'compile_s': round(evaluation['compile_s'], 1)}
+    record['fits'] = record['fits'] and record['eval']['fits']
+  return record
+
+
+def _batch_bytes(built: Build) -> int:
+  batch = built.train.args[1]
+  return math.prod(batch.sharding.shard_shape(batch.shape)) * 4
+
+
+def _settings_summary(config) -> dict:
+  keys = ('remat', 'remat_policy', 'fsdp', 'grad_accum_steps', 'joint_passes')
+  out = {}
+  for key in keys:
+    for node in (config, config.get('model', {})):
+      if key in node:
+        out[key] = node[key]
+  return out
+
+
+def _estimate(chip, dtype, cost, comms, batch_size, count, run_clips) -> dict:
+  """Roofline: the step takes at least its FLOPs at the chip's peak, its bytes at the
+  memory bandwidth and its collectives' bytes at the interconnect bandwidth; the largest
+  of the three bounds it."""
+  flops, moved = float(cost.get('flops', 0.0)), float(cost.get('bytes accessed', 0.0))
+  bounds = {'compute': flops / chip.peak_flops[dtype],
+            'memory': moved / chip.memory_bandwidth,
+            'collectives': (comms['total_bytes'] / chip.interconnect_bandwidth
+                            if count > 1 else 0.0)}
+  bound = max(bounds, key=bounds.get)
+  step_s = bounds[bound]
+  clips_per_s = batch_size / step_s if step_s > 0 else None
+  out = {'flops_per_device_per_step': flops, 'bytes_accessed_per_device': moved,
+         'roofline_s': {k: v for k, v in bounds.items()}, 'bound': bound,
+         'estimated_step_s': step_s, 'estimated_clips_per_s': clips_per_s,
+         'estimated_clips_per_s_per_chip': clips_per_s / count if clips_per_s else None,
+         'run_clips': run_clips,
+         'estimated_run_hours': (run_clips / clips_per_s / 3600
+                                 if run_clips and clips_per_s else None)}
+  return out
