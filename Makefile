@@ -16,6 +16,12 @@ $(VENV)/installed: requirements.txt
 	$(VENV)/bin/python -m pip install --quiet -r requirements.txt
 	touch $@
 
+# The compile-only TPU and CUDA backends of `python -m ssast_jax.plan`, in their own folder
+# (only the plan and the tests put it on their path).
+.compile-backends/installed: $(VENV)/installed requirements-compile.txt
+	$(VENV)/bin/python -m pip install --quiet --no-deps --target .compile-backends -r requirements-compile.txt
+	touch $@
+
 # The tests' own environment: requirements.txt plus the compile-only TPU and CUDA backends
 # of requirements-compile.txt (tests/test_plan.py), kept out of VENV, where they would make
 # JAX look for accelerators that are not there.

@@ -56,11 +56,31 @@ def _cluster_process_count() -> int:
   Mirrors `jax.distributed.initialize()`'s choice of environment in jax 0.10.2: SLURM
   (SLURM_NTASKS), Open MPI (OMPI_COMM_WORLD_SIZE), Cloud TPU VMs on GCE and GKE (the
   slice's worker list), Kubernetes Jobs. The private list is the only place JAX exposes it.
+  It is unchanged up to jax 0.11.1's development tree; should a later jax move it, SLURM
+  and Open MPI jobs are still recognised from their environment (docs/versions.md).
   """
-  from jax._src import clusters  # pylint: disable=import-outside-toplevel
-  for env in clusters.ClusterEnv._cluster_types:  # pylint: disable=protected-access
-    if not env.opt_in_only_method and env.is_env_present():
-      return env.get_process_count()
+  try:
+    from jax._src import clusters  # pylint: disable=import-outside-toplevel
+    cluster_types = clusters.ClusterEnv._cluster_types  # pylint: disable=protected-access
+    found = next((env for env in cluster_types
+                  if not env.opt_in_only_method and env.is_env_present()), None)
+  except (ImportError, AttributeError):
+    return _environment_process_count()
+  return found.get_process_count() if found else 1
+
+
+def _environment_process_count() -> int:
+  """SLURM's and Open MPI's process count as jax's SlurmCluster and OmpiCluster read it; 1
+  elsewhere (Cloud TPU and Kubernetes jobs then need --num_processes and the other flags)."""
+  slurm = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PROCID',
+           'SLURM_LOCALID')
+  if 'OMPI_MCA_orte_hnp_uri' in os.environ:
+    return int(os.environ['OMPI_COMM_WORLD_SIZE'])
+  if all(name in os.environ for name in slurm):
+    return int(os.environ['SLURM_NTASKS'])
+  logging.warning('jax has no cluster list where main.py looks for it (jax._src.clusters); '
+                  'Cloud TPU and Kubernetes jobs are not detected: pass --num_processes, '
+                  '--process_id and --coordinator_address')
   return 1
 
 

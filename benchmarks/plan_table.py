@@ -18,13 +18,13 @@ import json
 import os
 import sys
 
-os.environ['JAX_PLATFORMS'] = 'cpu'
-os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
-os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=wrong-import-position
 from ssast_jax import accelerators  # noqa: E402
+
+accelerators.use_compile_backends()  # before JAX is imported
+
 from ssast_jax.config import defaults  # noqa: E402
 from ssast_jax.plan import compile as plan_compile, search  # noqa: E402
 
@@ -85,7 +85,7 @@ def table_line(r: dict) -> str:
   return (f'| {r["target"]} | {r["mode"]} | {r["dtype"]} | {remat} | '
           f'{r["batch_per_device"]:g} | {"yes" if r["fits"] else "no"} | {gib} | '
           f'{"-" if speed is None or not r["fits"] else f"{speed:.0f}"} | '
-          f'{"-" if hours is None or not r["fits"] else f"{hours:.0f}"} | '
+          f'{"-" if hours is None or not r["fits"] else f"{hours:.1f}"} | '
           f'{r.get("bound", "-") if r["fits"] else "-"} | {r["compile_s"]:.0f} |')
 
 

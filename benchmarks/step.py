@@ -45,7 +45,9 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from benchmarks import product_ceiling as product_ceiling_lib  # noqa: E402
+from ssast_jax import accelerators  # noqa: E402
 from ssast_jax.config.settings import ConfigError, resolve  # noqa: E402
+from ssast_jax.plan import compile as plan_compile  # noqa: E402
 from ssast_jax.training.step import step_setup  # noqa: E402
 from ssast_jax.training import host_allocator  # noqa: E402
 
@@ -168,6 +170,32 @@ def paired_speedup(times: list[float], other_times: list[float]) -> float:
   return statistics.median(t / other for t, other in zip(times, other_times, strict=True))
 
 
+def step_cost(compiled) -> tuple[float, float]:
+  """(FLOPs, bytes accessed) of a compiled step, over all devices."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return (float(cost['flops']) * jax.device_count(),
+          float(cost.get('bytes accessed', 0.0)) * jax.device_count())
+
+
+def plan_estimate(settings, report) -> dict:
+  """`ssast_jax.plan`'s roofline for this step on this device (`plan_estimate_s`, its
+  `plan_bound`), from the step's own FLOPs and bytes, with remat's recomputation; empty
+  where the device is not one of `ssast_jax.accelerators.CHIPS`. One device: no
+  collectives. Compared with the measured `step_s`, it calibrates the plan's estimates."""
+  chip = accelerators.chip_of(jax.devices()[0].device_kind)
+  if chip is None or settings.model.dtype not in chip.peak_flops:
+    return {}
+  count = jax.device_count()
+  factor = plan_compile.recompute_factor(settings.model.remat, settings.model.remat_policy,
+                                         settings.model)
+  bounds = plan_compile.roofline(chip, settings.model.dtype,
+                                 report['flops_per_step'] / count * factor,
+                                 report['bytes_accessed_per_step'] / count, 0)
+  bound = max(bounds, key=bounds.get)
+  return {'plan_estimate_s': bounds[bound], 'plan_bound': bound, 'plan_chip': chip.name}
+
+
 def describe(settings, setup) -> dict:
   """What was compiled, and where."""
   m, o, opt = settings.model, settings.objective, settings.optim
@@ -220,16 +248,16 @@ def benchmark(config, steps: int, warmup_steps: int = 2, compare: str = '',
     setup, step = compile_step(s)
     compiled.append((setup, step))
     if without_loops(s) == s:
-      flops_by_step[s] = float(step.cost_analysis()['flops']) * jax.device_count()
+      flops_by_step[s] = step_cost(step)
     reports.append({'compile_s': time.perf_counter() - start,
                     'peak_memory_bytes': peak_memory_bytes(step), **describe(s, setup)})
   for s, report in zip(settings, reports):
     plain = without_loops(s)
     if plain not in flops_by_step:
       log('compiling the step without remat and accumulation to count its FLOPs ...')
-      flops_by_step[plain] = (float(compile_step(plain)[1].cost_analysis()['flops'])
-                              * jax.device_count())
-    report['flops_per_step'] = flops_by_step[plain]
+      flops_by_step[plain] = step_cost(compile_step(plain)[1])
+    report['flops_per_step'], report['bytes_accessed_per_step'] = flops_by_step[plain]
+    report.update(plan_estimate(s, report))
   if steps:
     _time(settings, compiled, reports, steps, warmup_steps, product_ceiling, log)
   reports = [{k: r[k] for k in FIRST_KEYS if k in r} | r for r in reports]

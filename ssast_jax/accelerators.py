@@ -18,9 +18,24 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import sys
 
 SPECS_DIR = os.path.join(os.path.dirname(__file__), 'target_specs')
+# Where requirements-compile.txt is installed (`pip install --no-deps --target DIR`).
+BACKENDS_DIR = os.environ.get('SSAST_COMPILE_BACKENDS') or os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '.compile-backends')
 GiB = 2 ** 30
+
+
+def use_compile_backends() -> None:
+  """Puts the compile-only backends on this process's path and keeps JAX on the CPU (it
+  must not start the absent accelerators' runtimes); to be called before JAX is imported.
+  Only the plan and the tests do: other programs never see these backends."""
+  if os.path.isdir(BACKENDS_DIR) and BACKENDS_DIR not in sys.path:
+    sys.path.append(BACKENDS_DIR)
+  os.environ['JAX_PLATFORMS'] = 'cpu'
+  os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')  # no TPU VM to ask
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')  # compiling, never running
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +150,18 @@ def _tpu_shape(chip: Chip, chips: int) -> tuple[int, ...] | None:
   return tuple(dims)
 
 
+# Words of a JAX device_kind that name the chip (first match wins: 'v5 lite' before 'v5').
+_KINDS = (('v5 lite', 'v5e'), ('v6 lite', 'v6e'), ('tpu v5', 'v5p'), ('tpu v4', 'v4'),
+          ('v100', 'v100'), ('a100', 'a100'), ('h100', 'h100'), ('h200', 'h200'),
+          ('b200', 'b200'))
+
+
+def chip_of(device_kind: str) -> Chip | None:
+  """The Chip of a real device's `device_kind` (e.g. 'NVIDIA H100 80GB HBM3'), or None."""
+  kind = device_kind.lower()
+  return next((CHIPS[name] for words, name in _KINDS if words in kind), None)
+
+
 def spec_text(chip: Chip) -> str:
   """XLA's GPU target description of `chip` (a data file of this package)."""
   with open(os.path.join(SPECS_DIR, chip.spec_file)) as f:
@@ -162,6 +189,6 @@ def devices(target: Target) -> list:
           num_slices=target.slices, **options)
   except Exception as error:  # the plugin is missing or refuses the topology
     raise TargetError(f'target {target.name!r}: cannot build its topology ({error}); the '
-                      f'compile-only backends come from requirements-compile.txt '
-                      f'(pip install --no-deps -r requirements-compile.txt)') from None
+                      f'compile-only backends come from requirements-compile.txt: pip install '
+                      f'--no-deps --target {BACKENDS_DIR} -r requirements-compile.txt') from None
   return list(topology.devices)

@@ -15,11 +15,12 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='ssast_jax_tests_cache_')
   atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 
-# The tests run on the CPU; the compile-only TPU and CUDA backends (requirements-compile.txt)
-# must not try to start runtimes that this machine lacks.
-os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
-os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+# The tests run on the CPU, with the compile-only TPU and CUDA backends of
+# requirements-compile.txt on this process's path (tests/test_plan.py), not the main.py
+# subprocesses'.
+from ssast_jax import accelerators  # noqa: E402
+
+accelerators.use_compile_backends()
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -242,6 +242,21 @@ def test_main_cluster_detection_counts_slurm_tasks():
   assert counts == ['1', '4']
 
 
+def test_main_cluster_detection_without_jax_cluster_list():
+  """Should a jax no longer have the private cluster list (docs/versions.md), SLURM and Open
+  MPI jobs are still counted from their environment."""
+  code = ('from jax._src import clusters; clusters.ClusterEnv = None; '
+          'import main; print(main._cluster_process_count())')
+  base = {k: v for k, v in os.environ.items() if not k.startswith(('SLURM_', 'OMPI_'))}
+  slurm = {'SLURM_JOB_ID': '123', 'SLURM_STEP_NODELIST': 'node[001-002]',
+           'SLURM_NTASKS': '4', 'SLURM_PROCID': '1', 'SLURM_LOCALID': '1'}
+  ompi = {'OMPI_MCA_orte_hnp_uri': '1:tcp://10.0.0.1:1234', 'OMPI_COMM_WORLD_SIZE': '3'}
+  counts = [subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                           cwd=ROOT, env=env, check=True).stdout.strip()
+            for env in (base, {**base, **slurm}, {**base, **ompi})]
+  assert counts == ['1', '4', '3']
+
+
 def _probe_config(data_dir, **overrides):
   """A config whose probe reads the data JSONs and .pt folders with a label CSV."""
   csv = _write(data_dir / 'labels.csv', 'index,mid,display_name\n0,/m/09x0r,"Speech"\n')

@@ -16,10 +16,9 @@ import json
 import os
 import sys
 
-# Compile-only: JAX must not start the (absent) accelerators' runtimes.
-os.environ['JAX_PLATFORMS'] = 'cpu'
-os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
-os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')  # no TPU to guard: compile only
+from ssast_jax import accelerators
+
+accelerators.use_compile_backends()  # before JAX is imported
 
 from absl import app, flags  # noqa: E402  pylint: disable=wrong-import-position
 from ml_collections import config_flags  # noqa: E402  pylint: disable=wrong-import-position
@@ -125,7 +124,6 @@ def _details(r: dict) -> str:
 def main(argv):
   del argv
   # pylint: disable=import-outside-toplevel
-  from ssast_jax import accelerators
   from ssast_jax.config.settings import ConfigError
   from ssast_jax.plan import compile as plan_compile, search
   config = _CONFIG.value

@@ -10,13 +10,19 @@ are compiler estimates, not measurements.
 Per device, memory is what XLA's buffer assignment reports: arguments + outputs - aliased
 (the donated state) + temporaries. TPUs refuse at compile time a program larger than HBM;
 for GPUs, which XLA does not check, the fit is that peak against the memory JAX may use
-(`gpu_memory_fraction` of the card, 0.75 by default as in JAX). TPU compiles report their
-FLOPs and bytes accessed; GPU compiles do not, so they come from the same global step
-lowered for the CPU, divided by the device count.
+(`gpu_memory_fraction` of the card, 0.75 by default as in JAX).
+
+TPU compiles report their FLOPs and bytes accessed. GPU compiles without a device report
+neither, and XLA counts a loop's body once (remat scans the blocks, accumulation the
+micro-batches); there, FLOPs are those of the same global step without loops lowered for
+the CPU, divided by the device count, and the bytes moved a lower bound from the buffer
+assignment (arguments + outputs + every temporary written and read once).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import math
 import time
@@ -53,6 +59,7 @@ class Build:
   state: object
   dtype: str
   task: str
+  model: object  # the ModelConfig (or ClassifierConfig) compiled
 
 
 def _struct(shape, dtype, sharding):
@@ -71,7 +78,7 @@ def pretraining_build(settings, devices) -> Build:
                Step(eval_step, eval_args, dict(graphdef=setup.graphdef, settings=settings,
                                                mesh=setup.mesh)),
                settings.optim.batch_size, setup.abstract_state, settings.model.dtype,
-               settings.objective.task)
+               settings.objective.task, settings.model)
 
 
 def finetuning_build(settings, devices, encoder, num_labels: int) -> Build:
@@ -95,7 +102,7 @@ def finetuning_build(settings, devices, encoder, num_labels: int) -> Build:
   labels = _struct((settings.batch_size, num_labels), jnp.float32, setup.batch_sharding)
   return Build(Step(setup.step, (setup.abstract_state, batch, labels)),
                Step(setup.evaluate, (setup.abstract_state['params'], batch, labels)),
-               settings.batch_size, setup.abstract_state, settings.dtype, settings.task)
+               settings.batch_size, setup.abstract_state, settings.dtype, settings.task, config)
 
 
 def resolve_any(config):
@@ -115,8 +122,12 @@ def build(config, devices, encoder=None, num_labels: int = 527) -> Build:
 def _compile(step: Step, options=None):
   """Compiled without JAX's persistent cache, which cannot hold programs for devices that
   are not present (it fails to read them back, and only warns)."""
-  from jax._src import config as jax_config  # pylint: disable=import-outside-toplevel
-  with jax_config.enable_compilation_cache(False):
+  try:  # private; present in jax 0.10.2 (docs/versions.md)
+    from jax._src.config import enable_compilation_cache  # pylint: disable=import-outside-toplevel
+    no_cache = enable_compilation_cache(False)
+  except (ImportError, AttributeError, TypeError):
+    no_cache = contextlib.nullcontext()
+  with no_cache:
     return step.jitted.lower(*step.args, **step.kwargs).compile(compiler_options=options)
 
 
@@ -172,15 +183,47 @@ def compile_step(step: Step, platform: str) -> dict:
           'compile_s': time.perf_counter() - start, 'xla_options': options or {}}
 
 
-def cpu_cost(config, encoder=None, num_labels: int = 527) -> dict:
-  """FLOPs and bytes accessed of the same global training step on one CPU device (from
-  the lowered program, before optimisation: no compile)."""
-  cpu = jax.devices('cpu')[:1]
-  train = build(config, cpu, encoder, num_labels).train
-  cost = train.jitted.lower(*train.args, **train.kwargs).cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0]
-  return dict(cost or {})
+def without_loops(config):
+  """`config` with remat off and one micro-batch: the same step's mathematics without the
+  loops (the block scan of remat, the micro-batch scan of accumulation), whose bodies XLA's
+  cost analysis counts once."""
+  if 'model' not in config:
+    return config
+  config = copy.deepcopy(config)
+  config.remat, config.grad_accum_steps = False, 1
+  return config
+
+
+def recompute_factor(remat: bool, policy: str, model) -> float:
+  """The FLOPs of a rematerialised step over those without remat: 'nothing_saveable'
+  recomputes the encoder's forward pass (a third of forward and backward), the
+  'dots_with_no_batch_dims_saveable' policy only attention's two batched products (their
+  share of the forward: N / 6D of the dense layers' for N tokens of width D),
+  'dots_saveable' no product."""
+  if not remat:
+    return 1.0
+  if policy == 'nothing_saveable':
+    return 4 / 3
+  if policy == 'dots_with_no_batch_dims_saveable':
+    attention = (model.num_patches + 2) / (6 * model.embed_dim)
+    return 1 + attention / (1 + attention) / 3
+  return 1.0
+
+
+def cpu_flops(config, encoder=None, num_labels: int = 527) -> float:
+  """FLOPs of the same global training step without loops, lowered for one CPU device
+  (the program before optimisation: no compile). Remembered per loop-free config: remat
+  on and off share it."""
+  twin = without_loops(config)
+  key = (twin.to_json_best_effort(sort_keys=True), encoder, num_labels)
+  if key not in _CPU_FLOPS:
+    train = build(twin, jax.devices('cpu')[:1], encoder, num_labels).train
+    cost = train.jitted.lower(*train.args, **train.kwargs).cost_analysis()
+    _CPU_FLOPS[key] = float(dict(cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])
+  return _CPU_FLOPS[key]
+
+
+_CPU_FLOPS = {}
 
 
 def plan_run(config, target: accelerators.Target, devices, *, encoder=None,
@@ -215,17 +258,24 @@ def plan_run(config, target: accelerators.Target, devices, *, encoder=None,
                           outputs=memory['outputs'], aliased=memory['aliased'])
   record.update(peak_bytes_per_device=memory['peak'], fits=memory['peak'] <= capacity,
                 margin_bytes=capacity - memory['peak'], xla_options=train['xla_options'])
-  if not cost.get('flops'):
-    cost = {k: v / count for k, v in cpu_cost(config, encoder, num_labels).items()
-            if k in ('flops', 'bytes accessed')}
-    record['cost_source'] = 'cpu lowering / devices'
+  looped = 'model' in config and (config.remat or config.grad_accum_steps > 1)
+  if looped or not cost.get('flops'):
+    # XLA counts a loop's body once; a GPU compile without a device counts nothing.
+    cost = {'flops': cpu_flops(config, encoder, num_labels) / count,
+            'bytes accessed': memory['arguments'] + memory['outputs']
+                              + 2 * memory['temporaries']}
+    record['cost_source'] = ('FLOPs: the step without loops lowered for the CPU / devices; '
+                             'bytes: arguments + outputs + twice the temporaries (a lower bound)')
   else:
     record['cost_source'] = 'target compile'
     optimal = cost.get('optimal_seconds')
     record['tpu_cost_model_s'] = optimal if optimal and optimal > 0 else None
   comms = collectives.summary(train['compiled'].as_text())
   record['collectives'] = comms
-  record.update(_estimate(chip, built.dtype, cost, comms, built.batch_size, count, run_clips))
+  record['recompute_factor'] = recompute_factor(
+      looped and config.remat, config.get('remat_policy', ''), built.model)
+  record.update(_estimate(chip, built.dtype, cost, comms, built.batch_size, count, run_clips,
+                          record['recompute_factor']))
   if with_eval:
     evaluation = compile_step(built.evaluate, chip.platform)
     if 'exhausted' in evaluation:
@@ -253,15 +303,21 @@ def _settings_summary(config) -> dict:
   return out
 
 
-def _estimate(chip, dtype, cost, comms, batch_size, count, run_clips) -> dict:
-  """Roofline: the step takes at least its FLOPs at the chip's peak, its bytes at the
-  memory bandwidth and its collectives' bytes at the interconnect bandwidth; the largest
-  of the three bounds it."""
+def roofline(chip, dtype: str, flops: float, moved: float, collective_bytes: float) -> dict:
+  """Seconds a step needs at least, per device, for its FLOPs at the chip's peak for
+  `dtype`, its bytes at the memory bandwidth and its collectives' at the interconnect's."""
+  return {'compute': flops / chip.peak_flops[dtype], 'memory': moved / chip.memory_bandwidth,
+          'collectives': collective_bytes / chip.interconnect_bandwidth}
+
+
+def _estimate(chip, dtype, cost, comms, batch_size, count, run_clips, recompute) -> dict:
+  """Roofline: the step takes at least its FLOPs (times remat's recomputation) at the
+  chip's peak, its bytes at the memory bandwidth and its collectives' bytes at the
+  interconnect bandwidth; the largest of the three bounds it. `flops_per_device_per_step`
+  leaves the recomputation out (as MFU does)."""
   flops, moved = float(cost.get('flops', 0.0)), float(cost.get('bytes accessed', 0.0))
-  bounds = {'compute': flops / chip.peak_flops[dtype],
-            'memory': moved / chip.memory_bandwidth,
-            'collectives': (comms['total_bytes'] / chip.interconnect_bandwidth
-                            if count > 1 else 0.0)}
+  bounds = roofline(chip, dtype, flops * recompute, moved,
+                    comms['total_bytes'] if count > 1 else 0)
   bound = max(bounds, key=bounds.get)
   step_s = bounds[bound]
   clips_per_s = batch_size / step_s if step_s > 0 else None
