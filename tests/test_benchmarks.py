@@ -8,6 +8,7 @@ import os
 import statistics
 import subprocess
 import sys
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,7 @@ from runs import ROOT, env, tiny_config
 sys.path.insert(0, str(ROOT))
 from benchmarks import accumulation, step  # noqa: E402
 from benchmarks.product_ceiling import Product, ProductTimer, step_products  # noqa: E402
-from ssast_jax.config.settings import ConfigError  # noqa: E402
+from ssast_jax.config.settings import ConfigError, resolve  # noqa: E402
 
 CONFIG = str(ROOT / 'configs' / 'pretrain_joint.py')
 # tiny_config() as flags, so that the subprocesses compile the same steps (and find them
@@ -153,16 +154,19 @@ def accelerator_run(tmp_path_factory):
   return out, run.stdout
 
 
-def test_accelerator_script_times_bfloat16_steps_with_and_without_remat(accelerator_run):
-  """Per batch size (one here), a step report in bfloat16 with remat compared; remat's
-  FLOPs are counted without its recomputation, so both count the same work."""
+def test_accelerator_script_times_both_dtypes_with_and_without_remat(accelerator_run):
+  """Per dtype and batch size (one here), a step report with remat compared; remat's FLOPs
+  are counted without its recomputation, so both count the same work. The versions check
+  ran first."""
   out, _ = accelerator_run
-  for batch in (8,):
-    result = json.loads((out / f'step_b{batch}.json').read_text())
+  assert 'versions check: ok' in (out / 'versions.txt').read_text()
+  for dtype in ('bfloat16', 'float32'):
+    result = json.loads((out / f'step_{dtype}_b8.json').read_text())
     remat = result['compared']
     for report in (result, remat):
-      _check_timed_report(report, batch)
-      assert (report['dtype'], report['model_size'], report['depth']) == ('bfloat16', 'tiny', 1)
+      _check_timed_report(report, 8)
+      assert (report['dtype'], report['model_size'], report['depth']) == (dtype, 'tiny', 1)
+      assert 'plan_estimate_s' not in report  # a CPU: not one of the plan's chips
     assert (result['remat'], remat['remat'], remat['overrides']) == (False, True, 'remat=True')
     assert remat['flops_per_step'] == result['flops_per_step']
     assert result['compared_speedup'] == statistics.median(
@@ -171,18 +175,33 @@ def test_accelerator_script_times_bfloat16_steps_with_and_without_remat(accelera
 
 def test_accelerator_script_times_the_loader_and_prints_a_table(accelerator_run):
   out, stdout = accelerator_run
-  for batch in (8,):
-    loader = json.loads((out / f'loader_b{batch}.json').read_text())
-    assert loader['clips_per_s'] > 0 and loader['batches'] == 5
-    assert (loader['batch_size'], loader['target_length'], loader['num_mel_bins']) == (
-        batch, 64, 64)
+  loader = json.loads((out / 'loader_b8.json').read_text())
+  assert loader['clips_per_s'] > 0 and loader['batches'] == 5
+  assert (loader['batch_size'], loader['target_length'], loader['num_mel_bins']) == (8, 64, 64)
   rows = json.loads((out / 'summary.json').read_text())
-  assert [(r['batch'], r['remat']) for r in rows] == [(8, False), (8, True)]
+  assert [(r['batch'], r['remat'], r['dtype']) for r in rows] == [
+      (8, False, 'bfloat16'), (8, True, 'bfloat16'), (8, False, 'float32'), (8, True, 'float32')]
   lines = stdout.strip().splitlines()
   assert lines == (out / 'table.txt').read_text().strip().splitlines()
-  assert len(lines) == 3 and lines[0].split()[:3] == ['batch', 'remat', 'step']
-  assert lines[2].split()[:2] == ['8', 'True']
-  assert float(lines[2].split()[5]) == pytest.approx(rows[1]['mfu'], abs=1e-3)
+  assert len(lines) == 5 and lines[0].split()[:3] == ['batch', 'remat', 'dtype']
+  assert lines[2].split()[:3] == ['8', 'True', 'bfloat16']
+  assert float(lines[2].split()[6]) == pytest.approx(rows[1]['mfu'], abs=1e-3)
+  assert lines[2].split()[11:13] == ['-', '-']  # no plan estimate for a CPU
+
+
+def test_the_plan_estimate_beside_a_measured_step_uses_the_devices_chip():
+  """On an H100 (a device kind the plan knows), bfloat16, remat on: the roofline of the
+  step's own FLOPs (times the recomputation) and bytes."""
+  config = tiny_config()
+  config.dtype, config.remat = 'bfloat16', True
+  settings = resolve(config, check_data=False)
+  report = {'flops_per_step': 989e12 * 0.03, 'bytes_accessed_per_step': 3352e9 * 0.01}
+  with mock.patch.object(jax, 'devices', return_value=[mock.Mock(
+      device_kind='NVIDIA H100 80GB HBM3')]), mock.patch.object(jax, 'device_count',
+                                                                return_value=1):
+    estimate = step.plan_estimate(settings, report)
+  assert estimate['plan_bound'] == 'compute' and estimate['plan_chip'] == 'H100 80GB'
+  assert estimate['plan_estimate_s'] == pytest.approx(0.03 * 4 / 3)
 
 
 # --- the product ceiling ------------------------------------------------------------------
