@@ -108,6 +108,9 @@ def finetuning_build(settings, devices, encoder, num_labels: int) -> Build:
 def resolve_any(config):
   """(settings, is_finetuning) of a pretraining or fine-tuning config, without data checks."""
   if config.get('task') in finetune_config.TASKS:
+    if not config.pretrained:  # the plan reads no weights: the encoder is given apart
+      config = copy.deepcopy(config)
+      config.pretrained = '(not read by the plan)'
     return finetune_config.resolve_finetune(config, check_data=False), True
   return resolve(config, check_data=False), False
 
