@@ -164,3 +164,22 @@ def test_a_config_that_cannot_run_there_ends_in_one_line(args, message):
   assert len(lines) == 1
   assert re.search(message, lines[0]), lines[0]
 
+
+
+def test_remat_and_accumulation_are_counted_without_their_loops():
+  """XLA counts a loop's body once: the FLOPs of a rematerialised or accumulated step are
+  those of the same step without loops (compiled for the TPU), and the roofline adds
+  remat's recomputation. Twice the clips is a little under twice the FLOPs (the optimiser
+  update is counted once): 3% here."""
+  name = 'v5e-4'
+  plain = _plan(_config(), name, with_eval=False)
+  remat = _plan(_config(remat=True), name, with_eval=False)
+  accumulated = _plan(_config(grad_accum_steps=2, batch_size=16), name, with_eval=False)
+  assert remat['flops_per_device_per_step'] == plain['flops_per_device_per_step']
+  assert remat['recompute_factor'] == pytest.approx(4 / 3)
+  assert 'without loops' in remat['cost_source']
+  assert remat['roofline_s']['compute'] == pytest.approx(plain['roofline_s']['compute'] * 4 / 3)
+  assert accumulated['recompute_factor'] == 1
+  assert accumulated['flops_per_device_per_step'] == pytest.approx(
+      2 * plain['flops_per_device_per_step'], rel=0.05)
+  assert 'without loops' in accumulated['cost_source']

@@ -12,11 +12,13 @@ Per device, memory is what XLA's buffer assignment reports: arguments + outputs 
 for GPUs, which XLA does not check, the fit is that peak against the memory JAX may use
 (`gpu_memory_fraction` of the card, 0.75 by default as in JAX).
 
-TPU compiles report their FLOPs and bytes accessed. GPU compiles without a device report
-neither, and XLA counts a loop's body once (remat scans the blocks, accumulation the
-micro-batches); there, FLOPs are those of the same global step without loops lowered for
-the CPU, divided by the device count, and the bytes moved a lower bound from the buffer
-assignment (arguments + outputs + every temporary written and read once).
+TPU compiles report their FLOPs and bytes accessed, but XLA counts a loop's body once
+(remat scans the blocks, accumulation the micro-batches): for such a step they are those
+of the same step without loops, compiled for the target. GPU compiles without a device
+report neither: FLOPs are those of the same global step without loops lowered for the CPU,
+divided by the device count, and the bytes moved a lower bound from the buffer assignment
+(arguments + outputs + every temporary written and read once), as on a TPU where the
+step without loops does not fit.
 """
 
 from __future__ import annotations
@@ -227,6 +229,17 @@ def cpu_flops(config, encoder=None, num_labels: int = 527) -> float:
 
 
 _CPU_FLOPS = {}
+_TARGET_COSTS = {}  # (target, loop-free config) -> the TPU compile's cost analysis
+
+
+def _target_twin_cost(key, config, devices, encoder, num_labels) -> dict:
+  """The TPU cost analysis of the loop-free step (compiled for the target unless a plan of
+  it did already); empty where it does not fit."""
+  if key not in _TARGET_COSTS:
+    twin = build(without_loops(config), devices, encoder, num_labels).train
+    compiled = compile_step(twin, 'tpu')
+    _TARGET_COSTS[key] = {} if 'exhausted' in compiled else compiled['cost']
+  return _TARGET_COSTS[key]
 
 
 def plan_run(config, target: accelerators.Target, devices, *, encoder=None,
@@ -262,7 +275,12 @@ def plan_run(config, target: accelerators.Target, devices, *, encoder=None,
   record.update(peak_bytes_per_device=memory['peak'], fits=memory['peak'] <= capacity,
                 margin_bytes=capacity - memory['peak'], xla_options=train['xla_options'])
   looped = 'model' in config and (config.remat or config.grad_accum_steps > 1)
-  if looped or not cost.get('flops'):
+  twin_key = (target.name, without_loops(config).to_json_best_effort(sort_keys=True))
+  if looped and chip.platform == 'tpu':
+    cost = _target_twin_cost(twin_key, config, devices, encoder, num_labels)
+  elif cost.get('flops'):
+    _TARGET_COSTS[twin_key] = cost
+  if not cost.get('flops'):
     # XLA counts a loop's body once; a GPU compile without a device counts nothing.
     cost = {'flops': cpu_flops(config, encoder, num_labels) / count,
             'bytes accessed': memory['arguments'] + memory['outputs']
@@ -270,7 +288,8 @@ def plan_run(config, target: accelerators.Target, devices, *, encoder=None,
     record['cost_source'] = ('FLOPs: the step without loops lowered for the CPU / devices; '
                              'bytes: arguments + outputs + twice the temporaries (a lower bound)')
   else:
-    record['cost_source'] = 'target compile'
+    record['cost_source'] = ('target compile of the step without loops' if looped
+                             else 'target compile')
     optimal = cost.get('optimal_seconds')
     record['tpu_cost_model_s'] = optimal if optimal and optimal > 0 else None
   comms = collectives.summary(train['compiled'].as_text())
