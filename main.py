@@ -124,6 +124,7 @@ def main(argv):
   # pylint: disable=import-outside-toplevel
   from ssast_jax.config.finetune import TASKS as FINETUNE_TASKS
   from ssast_jax.config.settings import ConfigError
+  from ssast_jax.training.checkpoints import ProcessCountError
   config_path = config_flags.get_config_filename(flags.FLAGS['config'])
   if not os.path.isfile(config_path):
     _fail(f'--config: file not found: {config_path}')
@@ -145,6 +146,8 @@ def main(argv):
     sys.exit(faults.EXIT_PREEMPTED)
   except faults.CheckpointWriteError as error:  # exit at once: orbax's failed writes would
     faults.exit_now(str(error), faults.EXIT_CHECKPOINT_WRITE)  # log again at shutdown
+  except ProcessCountError as error:  # exit at once: the checkpoint manager's threads can
+    faults.exit_now(str(error), faults.EXIT_BAD_INPUT)  # still fail at interpreter shutdown
   except train.INPUT_ERRORS as error:
     _fail(str(error))
   except train.TrainingError as error:

@@ -86,7 +86,15 @@ def table_line(r: dict) -> str:
           f'{r["batch_per_device"]:g} | {"yes" if r["fits"] else "no"} | {gib} | '
           f'{"-" if speed is None or not r["fits"] else f"{speed:.0f}"} | '
           f'{"-" if hours is None or not r["fits"] else f"{hours:.1f}"} | '
-          f'{r.get("bound", "-") if r["fits"] else "-"} | {r["compile_s"]:.0f} |')
+          f'{_bound(r)} | {r["compile_s"]:.0f} |')
+
+
+def _bound(r: dict) -> str:
+  """The roofline's bound; '*' where the bytes moved are the buffer assignment's lower
+  bound (GPUs; a looped TPU step whose loop-free twin does not fit)."""
+  if not r['fits']:
+    return '-'
+  return r.get('bound', '-') + ('*' if 'lower bound' in r.get('cost_source', '') else '')
 
 
 def main(argv=None) -> None:
