@@ -247,16 +247,12 @@ def read(directory):
 
 def _expected(config, entries) -> dict:
   """{name: shape} of `entries` for `config`, derived from the model itself."""
-  import jax  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from ssast_jax.model import abstract_model  # pylint: disable=import-outside-toplevel
   from ssast_jax.model.classifier import abstract_classifier  # pylint: disable=import-outside-toplevel
   build = abstract_classifier if isinstance(config, ClassifierConfig) else abstract_model
-  params = nnx.to_pure_dict(build(config)[1])
-  return {name: jax.eval_shape(lambda a, t=transform: _to_hf(a, t, config),
-                               jax.ShapeDtypeStruct(pytorch.get_path(params, path).shape,
-                                                    'float32')).shape
-          for name, path, transform in entries}
+  return pytorch.torch_shapes(entries, nnx.to_pure_dict(build(config)[1]), config,
+                              to_file=_to_hf)
 
 
 def _normalisation(directory) -> dict:

@@ -86,13 +86,14 @@ def unused_head_arrays(extras: dict, config) -> 'collections.OrderedDict':
   return out
 
 
-def torch_shapes(entries, params, config) -> dict[str, tuple]:
+def torch_shapes(entries, params, config, to_file=None) -> dict[str, tuple]:
   """{torch name: shape} of the tensor-map `entries` for the parameter tree `params` of
-  `config` (abstract arrays suffice): the shapes derived from the model itself."""
+  `config` (abstract arrays suffice): the shapes derived from the model itself. `to_file`
+  is the layout's `(value, transform, config)` conversion, `to_torch` by default."""
   import jax
   shapes = {}
   for torch_name, path, transform in entries:
-    convert = functools.partial(to_torch, transform=transform, config=config)
+    convert = functools.partial(to_file or to_torch, transform=transform, config=config)
     shapes[torch_name] = jax.eval_shape(
         convert, jax.ShapeDtypeStruct(get_path(params, path).shape, 'float32')).shape
   return shapes
