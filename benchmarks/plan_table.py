@@ -56,15 +56,16 @@ def run(args) -> None:
         for remat in (False, True):
           for batch in map(int, args.batches.split(',')):
             key = row_key(name, mode, dtype, remat, batch)
-            if key in done:
-              if not done[key]['fits']:
-                break
-              continue
             config = defaults.get_config()
             config.joint_passes = passes
             config.num_epochs = args.epochs
             config = search.with_setting(config, batch_per_device=batch, devices=len(devices),
                                          dtype=dtype, remat=(remat, 'nothing_saveable'))
+            if key in done:
+              _remember(target, config, done[key])
+              if not done[key]['fits']:
+                break
+              continue
             record = plan_compile.plan_run(config, target, devices, with_eval=False,
                                            run_clips=args.clips * args.epochs)
             record.update(key=key, mode=mode, date=datetime.date.today().isoformat())
@@ -74,6 +75,19 @@ def run(args) -> None:
             print(table_line(record), flush=True)
             if not record['fits']:
               break
+
+
+def _remember(target, config, record: dict) -> None:
+  """A recorded TPU row without remat gives its cost to the rows with remat at its batch
+  (their loop-free step), as it would have in the process that made it."""
+  if target.chip.platform != 'tpu' or record.get('remat'):
+    return
+  if not record['fits']:
+    plan_compile.remember_target_cost(target.name, config, None)
+  elif record.get('cost_source') == 'target compile':
+    plan_compile.remember_target_cost(target.name, config, {
+        'flops': record['flops_per_device_per_step'],
+        'bytes accessed': record['bytes_accessed_per_device']})
 
 
 def table_line(r: dict) -> str:
@@ -91,7 +105,7 @@ def table_line(r: dict) -> str:
 
 def _bound(r: dict) -> str:
   """The roofline's bound; '*' where the bytes moved are the buffer assignment's lower
-  bound (GPUs; a looped TPU step whose loop-free twin does not fit)."""
+  bound (GPUs)."""
   if not r['fits']:
     return '-'
   return r.get('bound', '-') + ('*' if 'lower bound' in r.get('cost_source', '') else '')

@@ -47,7 +47,7 @@ from ml_collections import config_flags  # noqa: E402
 from benchmarks import product_ceiling as product_ceiling_lib  # noqa: E402
 from ssast_jax import accelerators  # noqa: E402
 from ssast_jax.config.settings import ConfigError, resolve  # noqa: E402
-from ssast_jax.plan import compile as plan_compile  # noqa: E402
+from ssast_jax.plan import roofline as plan_roofline  # noqa: E402
 from ssast_jax.training.step import step_setup  # noqa: E402
 from ssast_jax.training import host_allocator  # noqa: E402
 
@@ -180,18 +180,19 @@ def step_cost(compiled) -> tuple[float, float]:
 
 def plan_estimate(settings, report) -> dict:
   """`ssast_jax.plan`'s roofline for this step on this device (`plan_estimate_s`, its
-  `plan_bound`), from the step's own FLOPs and bytes, with remat's recomputation; empty
+  `plan_bound`), from the loop-free step's FLOPs and bytes, both times remat's
+  recomputation, as the plan computes them for a TPU; empty
   where the device is not one of `ssast_jax.accelerators.CHIPS`. One device: no
   collectives. Compared with the measured `step_s`, it calibrates the plan's estimates."""
   chip = accelerators.chip_of(jax.devices()[0].device_kind)
   if chip is None or settings.model.dtype not in chip.peak_flops:
     return {}
   count = jax.device_count()
-  factor = plan_compile.recompute_factor(settings.model.remat, settings.model.remat_policy,
-                                         settings.model)
-  bounds = plan_compile.roofline(chip, settings.model.dtype,
-                                 report['flops_per_step'] / count * factor,
-                                 report['bytes_accessed_per_step'] / count, 0)
+  factor = plan_roofline.recompute_factor(settings.model.remat, settings.model.remat_policy,
+                                          settings.model)
+  bounds = plan_roofline.roofline(chip, settings.model.dtype,
+                                  report['flops_per_step'] / count * factor,
+                                  report['bytes_accessed_per_step'] / count * factor, 0)
   bound = max(bounds, key=bounds.get)
   return {'plan_estimate_s': bounds[bound], 'plan_bound': bound, 'plan_chip': chip.name}
 

@@ -4,6 +4,7 @@ fit decisions, the search, and the one-line refusals."""
 
 import json
 import math
+from unittest import mock
 import re
 import subprocess
 import sys
@@ -125,9 +126,22 @@ def test_the_search_finds_the_largest_batch_that_fits():
   best = search.largest_batch(_config(), target, devices, **options)
   batch = int(best['batch_per_device'])
   assert best['fits'] and best['compiles'] <= 8 and batch > 8
+  assert best['estimated_clips_per_s'] > 0  # the chosen batch, and only it, is estimated
+  assert 'cost_source' in best
   above = search.with_setting(_config(), batch_per_device=batch + max(1, batch // 16),
                               devices=1)
   assert not plan_compile.plan_run(above, target, devices, with_eval=False, **options)['fits']
+
+
+def test_the_search_reports_each_setting_as_found_and_marks_the_fastest():
+  target, devices = _target('h100')
+  speeds = iter([10.0, 30.0, 20.0, 5.0, 40.0, 1.0, 2.0, 3.0])
+  found = []
+  with mock.patch.object(search, 'largest_batch', side_effect=lambda config, *_, **__: {
+      'fits': True, 'dtype': config.dtype, 'estimated_clips_per_s': next(speeds)}):
+    rows = search.search(_config(), target, devices, progress=found.append)
+  assert found == rows and len(rows) == 2 * len(search.remat_settings())
+  assert [row['fastest'] for row in rows] == [False] * 4 + [True] + [False] * 3
 
 
 def _cli(*args):
@@ -179,7 +193,39 @@ def test_remat_and_accumulation_are_counted_without_their_loops():
   assert remat['recompute_factor'] == pytest.approx(4 / 3)
   assert 'without loops' in remat['cost_source']
   assert remat['roofline_s']['compute'] == pytest.approx(plain['roofline_s']['compute'] * 4 / 3)
+  assert remat['roofline_s']['memory'] == pytest.approx(plain['roofline_s']['memory'] * 4 / 3)
   assert accumulated['recompute_factor'] == 1
   assert accumulated['flops_per_device_per_step'] == pytest.approx(
       2 * plain['flops_per_device_per_step'], rel=0.05)
   assert 'without loops' in accumulated['cost_source']
+
+
+def test_a_loop_free_step_too_large_for_the_chip_is_costed_at_half_the_batch_and_scaled():
+  """Remat exists for steps that do not fit without it: their FLOPs and bytes come from the
+  largest halved batch whose loop-free step fits, times the halvings."""
+  target, devices = _target('v5e-4')
+  compile_step = plan_compile.compile_step
+  compiled_batches = []
+
+  def fits_up_to_4_clips(step, platform):
+    batch = step.args[1].shape[0]
+    compiled_batches.append(batch)
+    if batch > 4:
+      return {'exhausted': 'RESOURCE_EXHAUSTED: exceeds available HBM'}
+    return compile_step(step, platform)
+
+  config = _config(remat=True, batch_size=16)
+  with mock.patch.object(plan_compile, 'compile_step', side_effect=fits_up_to_4_clips):
+    cost = plan_compile._target_twin_cost('test halved', config, devices, None, 527)
+  assert compiled_batches == [16, 8, 4]
+  small = plan_compile.compile_step(
+      plan_compile.build(_config(batch_size=4), devices).train, 'tpu')['cost']
+  assert cost['scaled_from_batch'] == 4
+  assert cost['flops'] == pytest.approx(4 * small['flops'])
+  assert cost['bytes accessed'] == pytest.approx(4 * small['bytes accessed'])
+  with mock.patch.object(plan_compile, 'compile_step', return_value={'exhausted': 'x'}):
+    assert plan_compile._target_twin_cost('test none fits', config, devices, None,
+                                          527) == {}
+  # Remembered: the same step again compiles nothing.
+  with mock.patch.object(plan_compile, 'compile_step', side_effect=AssertionError):
+    assert plan_compile._target_twin_cost('test halved', config, devices, None, 527) == cost

@@ -121,6 +121,10 @@ def _details(r: dict) -> str:
   return '\n'.join(parts)
 
 
+def _print_found(record: dict) -> None:
+  print(f'# found: {_line(record)}', flush=True)
+
+
 def main(argv):
   del argv
   # pylint: disable=import-outside-toplevel
@@ -138,7 +142,7 @@ def main(argv):
       devices = accelerators.devices(target)
       print(f'# {name}: {len(devices)} x {devices[0].device_kind}, compiling ...', flush=True)
       if _SEARCH.value:
-        records += search.search(config, target, devices, **options)
+        records += search.search(config, target, devices, progress=_print_found, **options)
       else:
         records.append(plan_compile.plan_run(config, target, devices,
                                              with_eval=not _NO_EVAL.value, **options))

@@ -14,7 +14,9 @@ for GPUs, which XLA does not check, the fit is that peak against the memory JAX 
 
 TPU compiles report their FLOPs and bytes accessed, but XLA counts a loop's body once
 (remat scans the blocks, accumulation the micro-batches): for such a step they are those
-of the same step without loops, compiled for the target. GPU compiles without a device
+of the same step without loops, compiled for the target (where that does not fit, at the
+largest halved batch that does, scaled up), and remat's recomputation multiplies both.
+GPU compiles without a device
 report neither: FLOPs are those of the same global step without loops lowered for the CPU,
 divided by the device count, and the bytes moved a lower bound from the buffer assignment
 (arguments + outputs + every temporary written and read once), as on a TPU where the
@@ -36,7 +38,7 @@ import numpy as np
 from ssast_jax import accelerators
 from ssast_jax.config import finetune as finetune_config
 from ssast_jax.config.settings import ConfigError, resolve
-from ssast_jax.plan import collectives
+from ssast_jax.plan import collectives, roofline
 
 JAX_GPU_MEMORY_FRACTION = 0.75  # XLA_PYTHON_CLIENT_MEM_FRACTION's default
 # Retried with on a GPU compile that fails for lack of autotuning (no device to tune on).
@@ -199,22 +201,6 @@ def without_loops(config):
   return config
 
 
-def recompute_factor(remat: bool, policy: str, model) -> float:
-  """The FLOPs of a rematerialised step over those without remat: 'nothing_saveable'
-  recomputes the encoder's forward pass (a third of forward and backward), the
-  'dots_with_no_batch_dims_saveable' policy only attention's two batched products (their
-  share of the forward: N / 6D of the dense layers' for N tokens of width D),
-  'dots_saveable' no product."""
-  if not remat:
-    return 1.0
-  if policy == 'nothing_saveable':
-    return 4 / 3
-  if policy == 'dots_with_no_batch_dims_saveable':
-    attention = (model.num_patches + 2) / (6 * model.embed_dim)
-    return 1 + attention / (1 + attention) / 3
-  return 1.0
-
-
 def cpu_flops(config, encoder=None, num_labels: int = 527) -> float:
   """FLOPs of the same global training step without loops, lowered for one CPU device
   (the program before optimisation: no compile). Remembered per loop-free config: remat
@@ -229,24 +215,55 @@ def cpu_flops(config, encoder=None, num_labels: int = 527) -> float:
 
 
 _CPU_FLOPS = {}
-_TARGET_COSTS = {}  # (target, loop-free config) -> the TPU compile's cost analysis
+_TARGET_COSTS = {}  # (target, loop-free config) -> its TPU cost analysis; None: too large
 
 
-def _target_twin_cost(key, config, devices, encoder, num_labels) -> dict:
-  """The TPU cost analysis of the loop-free step (compiled for the target unless a plan of
-  it did already); empty where it does not fit."""
+def remember_target_cost(target_name: str, config, cost: dict | None) -> None:
+  """Records the cost analysis of `config`'s loop-free step on the target (None: it does
+  not fit there), so that plans of the same step with loops compile it no more."""
+  _TARGET_COSTS[(target_name, without_loops(config).to_json_best_effort(sort_keys=True))] = cost
+
+
+def _target_twin_cost(target_name, config, devices, encoder, num_labels) -> dict:
+  """The TPU cost analysis of `config`'s step without loops, compiled for the target unless
+  it was already. Where that does not fit (remat and accumulation exist for that), it is
+  the cost at half the batch, doubled ('scaled_from_batch' says from which batch); empty
+  where no batch fits."""
+  twin = without_loops(config)
+  key = (target_name, twin.to_json_best_effort(sort_keys=True))
   if key not in _TARGET_COSTS:
-    twin = build(without_loops(config), devices, encoder, num_labels).train
-    compiled = compile_step(twin, 'tpu')
-    _TARGET_COSTS[key] = {} if 'exhausted' in compiled else compiled['cost']
-  return _TARGET_COSTS[key]
+    compiled = compile_step(build(twin, devices, encoder, num_labels).train, 'tpu')
+    _TARGET_COSTS[key] = None if 'exhausted' in compiled else compiled['cost']
+  if _TARGET_COSTS[key] is not None:
+    return _TARGET_COSTS[key]
+  half = _halved_batch(twin, len(devices))
+  smaller = {} if half is None else _target_twin_cost(target_name, half, devices, encoder,
+                                                      num_labels)
+  if not smaller.get('flops'):
+    return {}
+  return {'flops': 2 * smaller['flops'], 'bytes accessed': 2 * smaller['bytes accessed'],
+          'scaled_from_batch': smaller.get('scaled_from_batch', half.batch_size)}
+
+
+def _halved_batch(config, devices: int):
+  """`config` with half its global batch, or None where that leaves a device without
+  clips or splits them unevenly."""
+  half = config.batch_size // 2
+  if config.batch_size % 2 or half % devices:
+    return None
+  config = copy.deepcopy(config)
+  config.batch_size = half
+  return config
 
 
 def plan_run(config, target: accelerators.Target, devices, *, encoder=None,
              num_labels: int = 527, gpu_memory_fraction: float = JAX_GPU_MEMORY_FRACTION,
-             run_clips: int | None = None, with_eval: bool = True) -> dict:
+             run_clips: int | None = None, with_eval: bool = True,
+             with_estimate: bool = True) -> dict:
   """The record of `config` on `target` (see the module docstring); ConfigError in one
-  line where the config cannot run there."""
+  line where the config cannot run there. `with_estimate=False` leaves out the FLOPs,
+  bytes and time (`add_estimate` adds them), which for a looped TPU step cost another
+  compile."""
   chip = target.chip
   built = build(config, devices, encoder, num_labels)
   if built.dtype not in chip.peak_flops:
@@ -261,43 +278,28 @@ def plan_run(config, target: accelerators.Target, devices, *, encoder=None,
             'batch_per_device': built.batch_size / count,
             'capacity_bytes_per_device': capacity}
   record.update(_settings_summary(config))
+  looped = _looped(config)
   train = compile_step(built.train, chip.platform)
   record['compile_s'] = round(train['compile_s'], 1)
   state = state_bytes(built.state)
   record['memory'] = {**state, 'batch': _batch_bytes(built)}
   if 'exhausted' in train:
+    if chip.platform == 'tpu' and not looped:
+      remember_target_cost(target.name, config, None)
     record.update(fits=False, peak_bytes_per_device=None, margin_bytes=None,
                   compiler_error=train['exhausted'])
     return record
-  memory, cost = train['memory'], train['cost']
+  memory = train['memory']
   record['memory'].update(temporaries=memory['temporaries'], arguments=memory['arguments'],
                           outputs=memory['outputs'], aliased=memory['aliased'])
   record.update(peak_bytes_per_device=memory['peak'], fits=memory['peak'] <= capacity,
                 margin_bytes=capacity - memory['peak'], xla_options=train['xla_options'])
-  looped = 'model' in config and (config.remat or config.grad_accum_steps > 1)
-  twin_key = (target.name, without_loops(config).to_json_best_effort(sort_keys=True))
-  if looped and chip.platform == 'tpu':
-    cost = _target_twin_cost(twin_key, config, devices, encoder, num_labels)
-  elif cost.get('flops'):
-    _TARGET_COSTS[twin_key] = cost
-  if not cost.get('flops'):
-    # XLA counts a loop's body once; a GPU compile without a device counts nothing.
-    cost = {'flops': cpu_flops(config, encoder, num_labels) / count,
-            'bytes accessed': memory['arguments'] + memory['outputs']
-                              + 2 * memory['temporaries']}
-    record['cost_source'] = ('FLOPs: the step without loops lowered for the CPU / devices; '
-                             'bytes: arguments + outputs + twice the temporaries (a lower bound)')
-  else:
-    record['cost_source'] = ('target compile of the step without loops' if looped
-                             else 'target compile')
-    optimal = cost.get('optimal_seconds')
-    record['tpu_cost_model_s'] = optimal if optimal and optimal > 0 else None
-  comms = collectives.summary(train['compiled'].as_text())
-  record['collectives'] = comms
-  record['recompute_factor'] = recompute_factor(
-      looped and config.remat, config.get('remat_policy', ''), built.model)
-  record.update(_estimate(chip, built.dtype, cost, comms, built.batch_size, count, run_clips,
-                          record['recompute_factor']))
+  record['collectives'] = collectives.summary(train['compiled'].as_text())
+  if not looped and train['cost'].get('flops'):
+    remember_target_cost(target.name, config, train['cost'])
+  if with_estimate:
+    add_estimate(record, config, target, devices, encoder=encoder, num_labels=num_labels,
+                 run_clips=run_clips)
   if with_eval:
     evaluation = compile_step(built.evaluate, chip.platform)
     if 'exhausted' in evaluation:
@@ -325,29 +327,39 @@ def _settings_summary(config) -> dict:
   return out
 
 
-def roofline(chip, dtype: str, flops: float, moved: float, collective_bytes: float) -> dict:
-  """Seconds a step needs at least, per device, for its FLOPs at the chip's peak for
-  `dtype`, its bytes at the memory bandwidth and its collectives' at the interconnect's."""
-  return {'compute': flops / chip.peak_flops[dtype], 'memory': moved / chip.memory_bandwidth,
-          'collectives': collective_bytes / chip.interconnect_bandwidth}
+def _looped(config) -> bool:
+  return 'model' in config and bool(config.remat or config.grad_accum_steps > 1)
 
 
-def _estimate(chip, dtype, cost, comms, batch_size, count, run_clips, recompute) -> dict:
-  """Roofline: the step takes at least its FLOPs (times remat's recomputation) at the
-  chip's peak, its bytes at the memory bandwidth and its collectives' bytes at the
-  interconnect bandwidth; the largest of the three bounds it. `flops_per_device_per_step`
-  leaves the recomputation out (as MFU does)."""
-  flops, moved = float(cost.get('flops', 0.0)), float(cost.get('bytes accessed', 0.0))
-  bounds = roofline(chip, dtype, flops * recompute, moved,
-                    comms['total_bytes'] if count > 1 else 0)
-  bound = max(bounds, key=bounds.get)
-  step_s = bounds[bound]
-  clips_per_s = batch_size / step_s if step_s > 0 else None
-  out = {'flops_per_device_per_step': flops, 'bytes_accessed_per_device': moved,
-         'roofline_s': {k: v for k, v in bounds.items()}, 'bound': bound,
-         'estimated_step_s': step_s, 'estimated_clips_per_s': clips_per_s,
-         'estimated_clips_per_s_per_chip': clips_per_s / count if clips_per_s else None,
-         'run_clips': run_clips,
-         'estimated_run_hours': (run_clips / clips_per_s / 3600
-                                 if run_clips and clips_per_s else None)}
-  return out
+def add_estimate(record: dict, config, target: accelerators.Target, devices, *,
+                 encoder=None, num_labels: int = 527, run_clips: int | None = None) -> dict:
+  """Adds to `config`'s compiled `record` its FLOPs and bytes per device, where they come
+  from (`cost_source`), the recomputation factor and the roofline estimate; returns it."""
+  chip, count, looped = target.chip, len(devices), _looped(config)
+  cost = (_target_twin_cost(target.name, config, devices, encoder, num_labels)
+          if chip.platform == 'tpu' else {})
+  compiled_cost = bool(cost.get('flops'))  # the target compile's, for the whole step
+  if not compiled_cost:
+    # A GPU compile without a device counts nothing.
+    memory = record['memory']
+    cost = {'flops': cpu_flops(config, encoder, num_labels) / count,
+            'bytes accessed': memory['arguments'] + memory['outputs']
+                              + 2 * memory['temporaries']}
+    record['cost_source'] = ('FLOPs: the step without loops lowered for the CPU / devices; '
+                             'bytes: arguments + outputs + twice the temporaries (a lower bound)')
+  else:
+    scaled = cost.get('scaled_from_batch')
+    record['cost_source'] = (
+        'target compile' if not looped else 'target compile of the step without loops'
+        + (f' at batch {scaled}, scaled to {record["batch_size"]}' if scaled else ''))
+    optimal = cost.get('optimal_seconds')
+    record['tpu_cost_model_s'] = optimal if optimal and optimal > 0 else None
+  remat = looped and config.remat
+  factor = roofline.recompute_factor(
+      remat, config.get('remat_policy', ''), resolve_any(config)[0].model if remat else None)
+  record['recompute_factor'] = factor
+  record.update(roofline.estimate(chip, record['dtype'], cost,
+                                  record['collectives']['total_bytes'], record['batch_size'],
+                                  count, run_clips, factor,
+                                  bytes_recompute=factor if compiled_cost else 1.0))
+  return record

@@ -51,11 +51,22 @@ class _Prober:
   def __call__(self, batch: int, fsdp: int | None = None) -> dict:
     key = (batch, fsdp)
     if key not in self.records:
-      config = with_setting(self.config, batch_per_device=batch, devices=len(self.devices),
-                            fsdp=fsdp)
-      self.records[key] = plan_compile.plan_run(config, self.target, self.devices,
-                                                with_eval=False, **self.options)
+      self.records[key] = plan_compile.plan_run(
+          self._config(batch, fsdp), self.target, self.devices, with_eval=False,
+          with_estimate=False, **self.options)
     return self.records[key]
+
+  def _config(self, batch: int, fsdp: int | None):
+    return with_setting(self.config, batch_per_device=batch, devices=len(self.devices),
+                        fsdp=fsdp)
+
+  def estimated(self, record: dict, fsdp: int | None) -> dict:
+    """`record` (one of the probes) with its estimate: only the chosen batch's, which
+    for a looped TPU step costs a compile of the step without loops."""
+    options = {k: v for k, v in self.options.items() if k != 'gpu_memory_fraction'}
+    return plan_compile.add_estimate(
+        dict(record), self._config(int(record['batch_per_device']), fsdp), self.target,
+        self.devices, **options)
 
 
 def _fsdp_sizes(count: int) -> list[int]:
@@ -81,7 +92,8 @@ def largest_batch(config, target, devices, **options) -> dict:
     else:
       failed = record
     guess = _next_guess(fitting, failed)
-  return {**fitting[-1], 'fsdp_needed': fsdp, 'compiles': len(probe.records)}
+  return {**probe.estimated(fitting[-1], fsdp), 'fsdp_needed': fsdp,
+          'compiles': len(probe.records)}
 
 
 def _next_guess(fitting: list, failed: dict | None) -> int | None:
@@ -112,9 +124,10 @@ def _predicted(low: dict, high: dict) -> int:
   return int(low['batch_per_device'] + room // slope)
 
 
-def search(config, target, devices, **options) -> list[dict]:
+def search(config, target, devices, progress=None, **options) -> list[dict]:
   """One record per dtype the chip has (float32, bfloat16) and remat setting: the largest
-  batch per device that fits; the fastest estimate is marked `fastest`."""
+  batch per device that fits; the fastest estimate is marked `fastest`. `progress` is
+  called with each record as it is found (a search of base takes tens of compiles)."""
   if 'model' not in config:
     raise ConfigError('--search sweeps the pretraining keys (dtype, model.remat, fsdp); '
                       'for a fine-tuning config, give --config.batch_size and --config.dtype')
@@ -126,6 +139,8 @@ def search(config, target, devices, **options) -> list[dict]:
       setting = with_setting(config, batch_per_device=1, devices=len(devices), dtype=dtype,
                              remat=remat)
       rows.append(largest_batch(setting, target, devices, **options))
+      if progress is not None:
+        progress(rows[-1])
   speeds = [row.get('estimated_clips_per_s') or 0 for row in rows if row['fits']]
   if speeds:
     fastest = max(speeds)
