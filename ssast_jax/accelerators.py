@@ -16,6 +16,7 @@ one bfloat16 pass on TPUs, TF32 tensor cores on A100 and newer, plain FP32 on th
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import re
 import sys
@@ -36,6 +37,21 @@ def use_compile_backends() -> None:
   os.environ['JAX_PLATFORMS'] = 'cpu'
   os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')  # no TPU VM to ask
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')  # compiling, never running
+
+
+def cuda_compile_options() -> dict:
+  """XLA options for compiling for NVIDIA GPUs without them: the CUDA 12 ptxas of
+  requirements-compile.txt (nvidia-cuda-nvcc-cu12, matching the CUDA 12 plugin; CUDA 13's
+  no longer assembles for the V100) where it is installed, else none (XLA looks for ptxas
+  on PATH)."""
+  try:
+    spec = importlib.util.find_spec('nvidia.cuda_nvcc')
+  except ImportError:
+    spec = None
+  for root in (spec.submodule_search_locations or []) if spec else []:
+    if os.path.exists(os.path.join(root, 'bin', 'ptxas')):
+      return {'xla_gpu_cuda_data_dir': root}
+  return {}
 
 
 @dataclasses.dataclass(frozen=True)

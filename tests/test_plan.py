@@ -46,7 +46,8 @@ def _plan(config, name, **options):
 
 
 @pytest.mark.parametrize('name, kind, count', [('v5e-4', 'TPU v5 lite', 4),
-                                               ('h100x2', 'NVIDIA H100 80GB HBM3', 2)])
+                                               ('h100x2', 'NVIDIA H100 80GB HBM3', 2),
+                                               ('v100x2', 'Tesla V100-SXM2-32GB', 2)])
 def test_a_tiny_run_compiles_for_a_tpu_slice_and_gpus(name, kind, count):
   record = _plan(_config(), name, run_clips=8000)
   assert (record['device_kind'], record['devices'], record['batch_per_device']) == (
@@ -178,6 +179,18 @@ def test_a_config_that_cannot_run_there_ends_in_one_line(args, message):
   assert len(lines) == 1
   assert re.search(message, lines[0]), lines[0]
 
+
+
+def test_gpu_code_is_assembled_by_the_cuda_12_ptxas_of_the_compile_backends():
+  """The V100 row above needs it (CUDA 13's ptxas dropped the V100); without an assembler
+  for the GPU, one line says what to install."""
+  root = accelerators.cuda_compile_options()['xla_gpu_cuda_data_dir']
+  assert root.startswith(accelerators.BACKENDS_DIR)
+  step = plan_compile.build(_config(), _target('v100x2')[1]).train
+  error = RuntimeError('UNIMPLEMENTED: /usr/local/bin/ptxas ptxas too old. Falling back')
+  with mock.patch.object(plan_compile, '_compile', side_effect=error), \
+       pytest.raises(ConfigError, match=r'ptxas too old.*install requirements-compile.txt'):
+    plan_compile.compile_step(step, 'cuda')
 
 
 def test_remat_and_accumulation_are_counted_without_their_loops():

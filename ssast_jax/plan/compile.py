@@ -174,20 +174,25 @@ def _exhausted(error: Exception) -> bool:
 
 def compile_step(step: Step, platform: str) -> dict:
   """Compiles `step`; {'compiled', 'memory', 'cost', 'compile_s', 'xla_options'} or, for a
-  TPU program larger than HBM, {'exhausted': message}."""
-  start, options = time.perf_counter(), None
+  TPU program larger than HBM, {'exhausted': message}. `xla_options`: those a GPU compile
+  needed without a device to autotune on."""
+  start, retry = time.perf_counter(), {}
+  base = accelerators.cuda_compile_options() if platform == 'cuda' else {}
   try:
-    compiled = _compile(step)
+    compiled = _compile(step, base or None)
   except Exception as error:  # pylint: disable=broad-except
     if platform == 'tpu' and _exhausted(error):
       return {'exhausted': str(error).splitlines()[0][:300],
               'compile_s': time.perf_counter() - start}
+    if platform == 'cuda' and 'ptxas' in str(error):
+      raise ConfigError(f'no ptxas here assembles for this GPU ({str(error).splitlines()[0]}):'
+                        ' install requirements-compile.txt, whose CUDA 12 ptxas does') from None
     if platform != 'cuda' or 'tile sizes' not in str(error):
       raise
-    options = NO_TRITON_GEMM
-    compiled = _compile(step, options)
+    retry = NO_TRITON_GEMM
+    compiled = _compile(step, {**base, **retry})
   return {'compiled': compiled, 'memory': _memory(compiled), 'cost': _cost(compiled),
-          'compile_s': time.perf_counter() - start, 'xla_options': options or {}}
+          'compile_s': time.perf_counter() - start, 'xla_options': retry}
 
 
 def without_loops(config):
