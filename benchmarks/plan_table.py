@@ -3,11 +3,12 @@
 python benchmarks/plan_table.py --out benchmarks/results/plan_table.jsonl [--targets h100x8,v5e-8]
     [--batches 12,24,48,96] [--clips 2250000 --epochs 10]
 
-Rows: each target x mode (the original's two passes, `joint_passes=2`, and the one-pass
-mode) x dtype (float32; bfloat16 where the chip has it) x remat (off; on with
-'nothing_saveable') x batch per device. Each record is appended to --out as it is made
-(a rerun skips the rows already there); a batch that does not fit skips the larger ones.
-Prints the Markdown table of what --out holds. Compiler estimates, not measurements.
+Rows: each mode (the original's two passes, `joint_passes=2`, on every target first, then
+the one-pass mode) x target x dtype (float32; bfloat16 where the chip has it) x remat
+(off; on with 'nothing_saveable') x batch per device. Each record is appended to --out as
+it is made (a rerun skips the rows already there); a batch that does not fit skips the
+larger ones. Prints the Markdown table of what --out holds, by target, mode, dtype, remat
+and batch. Compiler estimates, not measurements.
 """
 
 from __future__ import annotations
@@ -46,10 +47,10 @@ def rows(path) -> dict:
 
 def run(args) -> None:
   done = rows(args.out)
-  for name in args.targets.split(','):
-    target = accelerators.parse(name)
-    devices = accelerators.devices(target)
-    for mode, passes in MODES.items():
+  targets = {name: accelerators.parse(name) for name in args.targets.split(',')}
+  for mode, passes in MODES.items():  # the original's two passes on every target first
+    for name, target in targets.items():
+      devices = accelerators.devices(target)
       for dtype in ('float32', 'bfloat16'):
         if dtype not in target.chip.peak_flops:
           continue
@@ -126,8 +127,14 @@ def main(argv=None) -> None:
   print('| target | mode | dtype | remat | clips/device | fits | GiB/device | clips/s/chip '
         '| hours | bound | compile s |')
   print('|---|---|---|---|---|---|---|---|---|---|---|')
-  for record in rows(args.out).values():
+  for record in sorted(rows(args.out).values(), key=_table_order):
     print(table_line(record))
+
+
+def _table_order(r: dict) -> tuple:
+  target = TARGETS.index(r['target']) if r['target'] in TARGETS else len(TARGETS)
+  return (target, r['target'], list(MODES).index(r['mode']), r['dtype'] != 'float32',
+          bool(r['remat']), r['batch_per_device'])
 
 
 if __name__ == '__main__':
