@@ -215,7 +215,7 @@ def test_remat_and_accumulation_are_counted_without_their_loops():
 
 def test_a_loop_free_step_too_large_for_the_chip_is_costed_at_half_the_batch_and_scaled():
   """Remat exists for steps that do not fit without it: their FLOPs and bytes come from the
-  largest halved batch whose loop-free step fits, times the halvings."""
+  largest halved batch per device whose loop-free step fits, scaled by the batches' ratio."""
   target, devices = _target('v5e-4')
   compile_step = plan_compile.compile_step
   compiled_batches = []
@@ -236,6 +236,12 @@ def test_a_loop_free_step_too_large_for_the_chip_is_costed_at_half_the_batch_and
   assert cost['scaled_from_batch'] == 4
   assert cost['flops'] == pytest.approx(4 * small['flops'])
   assert cost['bytes accessed'] == pytest.approx(4 * small['bytes accessed'])
+  compiled_batches.clear()  # 3 clips per device: the twin of 1 (3 // 2), times 3
+  with mock.patch.object(plan_compile, 'compile_step', side_effect=fits_up_to_4_clips):
+    odd = plan_compile._target_twin_cost('test odd', _config(remat=True, batch_size=12),
+                                         devices, None, 527)
+  assert compiled_batches == [12, 4] and odd['scaled_from_batch'] == 4
+  assert odd['flops'] == pytest.approx(3 * small['flops'])
   with mock.patch.object(plan_compile, 'compile_step', return_value={'exhausted': 'x'}):
     assert plan_compile._target_twin_cost('test none fits', config, devices, None,
                                           527) == {}

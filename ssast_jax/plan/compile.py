@@ -15,7 +15,7 @@ for GPUs, which XLA does not check, the fit is that peak against the memory JAX 
 TPU compiles report their FLOPs and bytes accessed, but XLA counts a loop's body once
 (remat scans the blocks, accumulation the micro-batches): for such a step they are those
 of the same step without loops, compiled for the target (where that does not fit, at the
-largest halved batch that does, scaled up), and remat's recomputation multiplies both.
+largest batch per device halved, rounded down, that does, scaled up), and remat's recomputation multiplies both.
 GPU compiles without a device
 report neither: FLOPs are those of the same global step without loops lowered for the CPU,
 divided by the device count, and the bytes moved a lower bound from the buffer assignment
@@ -232,8 +232,8 @@ def remember_target_cost(target_name: str, config, cost: dict | None) -> None:
 def _target_twin_cost(target_name, config, devices, encoder, num_labels) -> dict:
   """The TPU cost analysis of `config`'s step without loops, compiled for the target unless
   it was already. Where that does not fit (remat and accumulation exist for that), it is
-  the cost at half the batch, doubled ('scaled_from_batch' says from which batch); empty
-  where no batch fits."""
+  the cost at half the batch per device (rounded down), scaled by the batches' ratio
+  ('scaled_from_batch' says from which global batch); empty where no batch fits."""
   twin = without_loops(config)
   key = (target_name, twin.to_json_best_effort(sort_keys=True))
   if key not in _TARGET_COSTS:
@@ -241,24 +241,17 @@ def _target_twin_cost(target_name, config, devices, encoder, num_labels) -> dict
     _TARGET_COSTS[key] = None if 'exhausted' in compiled else compiled['cost']
   if _TARGET_COSTS[key] is not None:
     return _TARGET_COSTS[key]
-  half = _halved_batch(twin, len(devices))
-  smaller = {} if half is None else _target_twin_cost(target_name, half, devices, encoder,
-                                                      num_labels)
-  if not smaller.get('flops'):
+  per_device = twin.batch_size // len(devices) // 2
+  if per_device < 1:
     return {}
-  return {'flops': 2 * smaller['flops'], 'bytes accessed': 2 * smaller['bytes accessed'],
-          'scaled_from_batch': smaller.get('scaled_from_batch', half.batch_size)}
-
-
-def _halved_batch(config, devices: int):
-  """`config` with half its global batch, or None where that leaves a device without
-  clips or splits them unevenly."""
-  half = config.batch_size // 2
-  if config.batch_size % 2 or half % devices:
-    return None
-  config = copy.deepcopy(config)
-  config.batch_size = half
-  return config
+  smaller = copy.deepcopy(twin)
+  smaller.batch_size = per_device * len(devices)
+  cost = _target_twin_cost(target_name, smaller, devices, encoder, num_labels)
+  if not cost.get('flops'):
+    return {}
+  scale = twin.batch_size / smaller.batch_size
+  return {'flops': scale * cost['flops'], 'bytes accessed': scale * cost['bytes accessed'],
+          'scaled_from_batch': cost.get('scaled_from_batch', smaller.batch_size)}
 
 
 def plan_run(config, target: accelerators.Target, devices, *, encoder=None,
