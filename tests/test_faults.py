@@ -228,6 +228,22 @@ class _FailingSaves:
     raise self._error
 
 
+class _FailingClose:
+  def close(self):
+    raise OSError(28, 'No space left on device')
+
+
+def test_a_write_that_fails_while_closing_the_checkpoints_is_a_write_error(tmp_path):
+  """Closing the manager finishes its metadata writes; on a full disk that failure ends
+  the run as a checkpoint write error (exit 74) naming the last complete checkpoint."""
+  from ssast_jax.training import train  # pylint: disable=import-outside-toplevel
+  (tmp_path / 'checkpoints' / '4').mkdir(parents=True)
+  with pytest.raises(faults.CheckpointWriteError,
+                     match=r'could not be written \(OSError: .*No space left on device\).*'
+                           r'the last complete checkpoint is step 4 in '):
+    train.close_checkpoints(_FailingClose(), str(tmp_path))
+
+
 @pytest.mark.parametrize('process_count, code', [(2, faults.EXIT_PEER_LOST), (1, None)])
 def test_a_save_failed_in_a_barrier_is_a_lost_peer_with_several_processes(
     process_count, code, monkeypatch, tmp_path):

@@ -221,6 +221,15 @@ def wait_for_saves(mngr, workdir: str) -> None:
     raise _write_error(error, workdir) from error
 
 
+def close_checkpoints(mngr, workdir: str) -> None:
+  """Closes `mngr`, which finishes its pending metadata writes: one that fails (a full
+  disk) is a CheckpointWriteError too, not a traceback that hides the first."""
+  try:
+    mngr.close()
+  except Exception as error:
+    raise _write_error(error, workdir) from error
+
+
 def _write_error(error: Exception, workdir: str) -> faults.CheckpointWriteError:
   """The CheckpointWriteError of a failed save; a save that failed because a peer process
   is gone (a checkpoint barrier of a job of several processes) ends this process as a lost
@@ -363,8 +372,8 @@ def train_and_evaluate(config, workdir: str, verify_data: bool = False) -> dict:
       wait_for_saves(mngr, workdir)
     finally:
       best = mngr.best_step()
-      mngr.close()
       writer.close()
+      close_checkpoints(mngr, workdir)
   if preempted:
     raise faults.Preempted(f'preempted (SIGTERM): every process saved the checkpoint at step '
                            f'{done}; rerun the same command to resume')
