@@ -15,12 +15,11 @@ for GPUs, which XLA does not check, the fit is that peak against the memory JAX 
 TPU compiles report their FLOPs and bytes accessed, but XLA counts a loop's body once
 (remat scans the blocks, accumulation the micro-batches): for such a step they are those
 of the same step without loops, compiled for the target (where that does not fit, at the
-largest batch per device halved, rounded down, that does, scaled up), and remat's recomputation multiplies both.
-GPU compiles without a device
-report neither: FLOPs are those of the same global step without loops lowered for the CPU,
-divided by the device count, and the bytes moved a lower bound from the buffer assignment
-(arguments + outputs + every temporary written and read once), as on a TPU where the
-step without loops does not fit.
+largest batch per device halved, rounded down, that does, scaled up), and remat's
+recomputation multiplies both. GPU compiles without a device report neither: FLOPs are
+those of the same global step without loops lowered for the CPU, divided by the device
+count, and the bytes moved a lower bound from the buffer assignment (arguments + outputs +
+every temporary written and read once).
 """
 
 from __future__ import annotations
@@ -226,7 +225,11 @@ _TARGET_COSTS = {}  # (target, loop-free config) -> its TPU cost analysis; None:
 def remember_target_cost(target_name: str, config, cost: dict | None) -> None:
   """Records the cost analysis of `config`'s loop-free step on the target (None: it does
   not fit there), so that plans of the same step with loops compile it no more."""
-  _TARGET_COSTS[(target_name, without_loops(config).to_json_best_effort(sort_keys=True))] = cost
+  _TARGET_COSTS[_cost_key(target_name, config)] = cost
+
+
+def _cost_key(target_name: str, config) -> tuple:
+  return target_name, without_loops(config).to_json_best_effort(sort_keys=True)
 
 
 def _target_twin_cost(target_name, config, devices, encoder, num_labels) -> dict:
@@ -234,8 +237,7 @@ def _target_twin_cost(target_name, config, devices, encoder, num_labels) -> dict
   it was already. Where that does not fit (remat and accumulation exist for that), it is
   the cost at half the batch per device (rounded down), scaled by the batches' ratio
   ('scaled_from_batch' says from which global batch); empty where no batch fits."""
-  twin = without_loops(config)
-  key = (target_name, twin.to_json_best_effort(sort_keys=True))
+  twin, key = without_loops(config), _cost_key(target_name, config)
   if key not in _TARGET_COSTS:
     compiled = compile_step(build(twin, devices, encoder, num_labels).train, 'tpu')
     _TARGET_COSTS[key] = None if 'exhausted' in compiled else compiled['cost']
