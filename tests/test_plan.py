@@ -183,13 +183,17 @@ def test_a_config_that_cannot_run_there_ends_in_one_line(args, message):
 
 def test_gpu_code_is_assembled_by_the_cuda_12_ptxas_of_the_compile_backends():
   """The V100 row above needs it (CUDA 13's ptxas dropped the V100); without an assembler
-  for the GPU, one line says what to install."""
+  for the GPU, one line says what to install; other errors of ptxas pass through."""
   root = accelerators.cuda_compile_options()['xla_gpu_cuda_data_dir']
   assert root.startswith(accelerators.BACKENDS_DIR)
   step = plan_compile.build(_config(), _target('v100x2')[1]).train
   error = RuntimeError('UNIMPLEMENTED: /usr/local/bin/ptxas ptxas too old. Falling back')
   with mock.patch.object(plan_compile, '_compile', side_effect=error), \
        pytest.raises(ConfigError, match=r'ptxas too old.*install requirements-compile.txt'):
+    plan_compile.compile_step(step, 'cuda')
+  other = RuntimeError('INTERNAL: ptxas exited with non-zero error code 9, output: killed')
+  with mock.patch.object(plan_compile, '_compile', side_effect=other), \
+       pytest.raises(RuntimeError, match='non-zero error code 9'):
     plan_compile.compile_step(step, 'cuda')
 
 

@@ -124,6 +124,21 @@ def test_ft_avgtok_is_an_encoder_plus_head_never_an_ast_classifier(tmp_path):
   assert 'ssast_head.safetensors' in (out / 'README.md').read_text()
 
 
+def test_a_tensor_of_another_shape_than_config_json_says_is_named(tmp_path):
+  ssast_jax.to_transformers(ssast_jax.from_pytorch(PRETRAINED), tmp_path / 'encoder')
+  weights = tmp_path / 'encoder' / 'model.safetensors'
+  arrays = safetensors_torch.load_file(weights)
+  name = next(n for n in arrays if n.endswith('layernorm.weight') and 'layer.' not in n)
+  arrays[name] = arrays[name][:-1].clone()
+  del arrays[next(n for n in arrays if n.endswith('layer.1.output.dense.bias'))]
+  safetensors_torch.save_file(arrays, weights, metadata={'format': 'pt'})
+  with pytest.raises(ssast_jax.CheckpointError,
+                     match=r'not a transformers AST checkpoint of the geometry of its '
+                           r'config.json .*missing \S*layer.1.output.dense.bias.*'
+                           r'layernorm.weight has shape \(191,\), expected \(192,\)'):
+    ssast_jax.load(tmp_path / 'encoder')
+
+
 def test_pretrained_encoder_exports_as_ast_model_with_equal_hidden_states(tmp_path):
   encoder = ssast_jax.from_pytorch(PRETRAINED)
   ssast_jax.to_transformers(encoder, tmp_path / 'encoder')

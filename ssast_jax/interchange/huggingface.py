@@ -203,10 +203,7 @@ def _geometry(hf: dict, directory) -> dict:
 
 
 def _check_shapes(arrays: dict, expected: dict, directory, config) -> None:
-  problems = [f'missing {name}' if name not in arrays else
-              f'{name} has shape {tuple(arrays[name].shape)}, expected {shape}'
-              for name, shape in expected.items()
-              if name not in arrays or tuple(arrays[name].shape) != tuple(shape)]
+  problems = pytorch.shape_problems(arrays, expected)
   if problems:
     raise CheckpointError(f'{directory}: not a transformers AST checkpoint of the geometry '
                           f'of its config.json ({config}): ' + '; '.join(problems[:5]))

@@ -98,8 +98,9 @@ def model_card(config, info: dict, labels, mean: float, std: float, out: str) ->
            f'fbank (25 ms windows, 10 ms hop, 16 kHz), normalised as '
            f'`(fbank - {mean:g}) / (2 * {std:g})`']
   if classifier:
-    lines.append(f'- {config.num_labels} labels, pooling `{config.pooling}` '
-                 f'({"mean of the patch tokens" if config.pooling == "avgtok" else "mean of the two leading tokens"})')
+    pooled = ('mean of the patch tokens' if config.pooling == 'avgtok'
+              else 'mean of the two leading tokens')
+    lines.append(f'- {config.num_labels} labels, pooling `{config.pooling}` ({pooled})')
   recipe = _recipe(info.get('workdir'))
   if recipe:
     lines += ['', '## Recipe', '', '| key | value |', '|---|---|']

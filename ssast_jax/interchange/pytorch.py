@@ -158,15 +158,19 @@ def _infer_config(arrays: dict[str, np.ndarray], path) -> ModelConfig:
                      input_tdim=int(arrays['p_input_tdim']))
 
 
+def shape_problems(arrays, shapes: dict[str, tuple], prefix: str = '') -> list[str]:
+  """One phrase per tensor of `shapes` that `arrays` lacks or holds in another shape, named
+  with `prefix` as the checkpoint names it."""
+  return [f'missing {prefix}{name}' if name not in arrays else
+          f'{prefix}{name} has shape {tuple(arrays[name].shape)}, expected {tuple(shape)}'
+          for name, shape in shapes.items()
+          if name not in arrays or tuple(arrays[name].shape) != tuple(shape)]
+
+
 def check_tensors(arrays, shapes: dict[str, tuple], path, layout: str, config) -> None:
   """CheckpointError listing every tensor of `shapes` that `arrays` lacks or has in
   another shape; `layout` and the inferred `config` are named in the message."""
-  problems = []
-  for name, shape in shapes.items():
-    if name not in arrays:
-      problems.append(f'missing {PREFIX}{name}')
-    elif tuple(arrays[name].shape) != shape:
-      problems.append(f'{PREFIX}{name} has shape {tuple(arrays[name].shape)}, expected {shape}')
+  problems = shape_problems(arrays, shapes, PREFIX)
   if problems:
     raise CheckpointError(f'{path}: not an SSAST {layout} checkpoint of the inferred '
                           f'geometry {config}: ' + '; '.join(problems))

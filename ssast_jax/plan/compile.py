@@ -33,6 +33,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from ssast_jax import accelerators
 from ssast_jax.config import finetune as finetune_config
@@ -76,7 +77,7 @@ def pretraining_build(settings, devices) -> Build:
   batch = _struct(settings.batch_shape, jnp.float32, setup.batch_sharding)
   eval_args = (setup.abstract_state['params'], batch,
                _struct(batch.shape[:1], jnp.bool_, setup.batch_sharding),
-               _struct((), jnp.int32, jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec())))
+               _struct((), jnp.int32, jax.sharding.NamedSharding(setup.mesh, P())))
   return Build(Step(setup.step, (setup.abstract_state, batch)),
                Step(eval_step, eval_args, dict(graphdef=setup.graphdef, settings=settings,
                                                mesh=setup.mesh)),
@@ -171,6 +172,11 @@ def _exhausted(error: Exception) -> bool:
   return 'RESOURCE_EXHAUSTED' in text or 'Ran out of memory' in text
 
 
+# What XLA says when no ptxas here assembles for the GPU: none found, or one too old or too
+# new for its compute capability (CUDA 13's dropped the V100).
+_NO_PTXAS = ('ptxas too old', 'suitable version of ptxas', 'ptxas does not support')
+
+
 def compile_step(step: Step, platform: str) -> dict:
   """Compiles `step`; {'compiled', 'memory', 'cost', 'compile_s', 'xla_options'} or, for a
   TPU program larger than HBM, {'exhausted': message}. `xla_options`: those a GPU compile
@@ -183,7 +189,7 @@ def compile_step(step: Step, platform: str) -> dict:
     if platform == 'tpu' and _exhausted(error):
       return {'exhausted': str(error).splitlines()[0][:300],
               'compile_s': time.perf_counter() - start}
-    if platform == 'cuda' and 'ptxas' in str(error):
+    if platform == 'cuda' and any(sign in str(error) for sign in _NO_PTXAS):
       raise ConfigError(f'no ptxas here assembles for this GPU ({str(error).splitlines()[0]}):'
                         ' install requirements-compile.txt, whose CUDA 12 ptxas does') from None
     if platform != 'cuda' or 'tile sizes' not in str(error):
