@@ -16,6 +16,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from ssast_jax.config import command_line
 from ssast_jax.training import faults, host_allocator
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
@@ -32,22 +33,6 @@ _VERIFY_DATA = flags.DEFINE_bool(
     'verify_data', False, "Before step 0, also check every shard's content hash against the "
     "manifest (the sizes are always checked).")
 flags.mark_flags_as_required(['config', 'workdir'])
-
-
-def _fail(message: str, code: int = faults.EXIT_BAD_INPUT):
-  """Ends the program with one line on stderr and exit code `code`."""
-  print(f'error: {message}', file=sys.stderr)
-  sys.exit(code)
-
-
-def _parse_flags(argv):
-  """absl's flag parsing; a --config.KEY the config does not have ends in one line."""
-  try:
-    return app.parse_flags_with_usage(argv)
-  except (AttributeError, KeyError) as error:  # ml_collections: AttributeError(KeyError(msg))
-    cause = error.args[0] if error.args else error
-    detail = cause.args[0] if isinstance(cause, KeyError) and cause.args else str(cause)
-    _fail('--config: unknown config key ' + ' '.join(str(detail).split()))
 
 
 def _cluster_process_count() -> int:
@@ -125,9 +110,6 @@ def main(argv):
   from ssast_jax.config.finetune import TASKS as FINETUNE_TASKS
   from ssast_jax.config.settings import ConfigError
   from ssast_jax.training.checkpoints import ProcessCountError
-  config_path = config_flags.get_config_filename(flags.FLAGS['config'])
-  if not os.path.isfile(config_path):
-    _fail(f'--config: file not found: {config_path}')
   config = _CONFIG.value
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO
@@ -140,7 +122,7 @@ def main(argv):
     _initialize_distributed(_WORKDIR.value)
     train.train_and_evaluate(config, _WORKDIR.value, verify_data=_VERIFY_DATA.value)
   except ConfigError as error:
-    _fail(str(error))
+    command_line.fail(str(error))
   except faults.Preempted as error:
     print(str(error), file=sys.stderr)
     sys.exit(faults.EXIT_PREEMPTED)
@@ -149,10 +131,10 @@ def main(argv):
   except ProcessCountError as error:  # exit at once: the checkpoint manager's threads can
     faults.exit_now(str(error), faults.EXIT_BAD_INPUT)  # still fail at interpreter shutdown
   except train.INPUT_ERRORS as error:
-    _fail(str(error))
+    command_line.fail(str(error))
   except train.TrainingError as error:
-    _fail(str(error), faults.EXIT_ERROR)
+    command_line.fail(str(error), faults.EXIT_ERROR)
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=command_line.parse_flags)

@@ -26,8 +26,8 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from benchmarks.step import (fail, log_to_stderr, parse_flags, with_overrides,  # noqa: E402
-                             write_result)
+from benchmarks.step import log_to_stderr, with_overrides, write_result  # noqa: E402
+from ssast_jax.config.command_line import fail, parse_flags  # noqa: E402
 from ssast_jax.config.settings import ConfigError, resolve  # noqa: E402
 from ssast_jax.training.step import step_setup  # noqa: E402
 

@@ -46,6 +46,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from benchmarks import product_ceiling as product_ceiling_lib  # noqa: E402
 from ssast_jax import accelerators  # noqa: E402
+from ssast_jax.config.command_line import fail, parse_flags  # noqa: E402
 from ssast_jax.config.settings import ConfigError, resolve  # noqa: E402
 from ssast_jax.plan import roofline as plan_roofline  # noqa: E402
 from ssast_jax.training.step import step_setup  # noqa: E402
@@ -312,31 +313,6 @@ def _time(settings, compiled, reports, steps, warmup_steps, product_ceiling, log
 
 
 # --- command line -------------------------------------------------------------------------
-
-def fail(message: str):
-  """Ends the program with one line on stderr and exit code 2."""
-  print(f'error: {message}', file=sys.stderr, flush=True)
-  sys.exit(2)
-
-
-def parse_flags(argv):
-  """absl's flag parsing, with a bad flag, config override or config file, or a stray
-  argument, ending in one error line (no usage text, no traceback)."""
-  try:
-    rest = flags.FLAGS(argv)
-  except flags.Error as error:
-    fail(' '.join(str(error).split()))
-  except (AttributeError, KeyError) as error:  # ml_collections: AttributeError(KeyError(msg))
-    cause = error.args[0] if error.args else error
-    detail = cause.args[0] if isinstance(cause, KeyError) and cause.args else str(cause)
-    fail('--config: unknown config key ' + ' '.join(str(detail).split()))
-  if len(rest) > 1:
-    fail(f'unexpected arguments: {" ".join(rest[1:])}')
-  path = config_flags.get_config_filename(flags.FLAGS['config'])
-  if not os.path.isfile(path):
-    fail(f'--config: file not found: {path}')
-  return rest
-
 
 def write_result(result: dict, out: str) -> None:
   """Prints `result` as the last line on stdout and, if `out`, writes it there too."""

@@ -231,6 +231,29 @@ def test_main_reports_a_config_error_in_one_line(tmp_path, override, message):
   assert result.stderr.splitlines() == [message]
 
 
+@pytest.mark.parametrize('args, message', [
+    (['--config=configs/nope.py', '--config.seed=1'], '--config: file not found: configs/nope.py'),
+    (['--config=configs/demo.py', '--bogus'], "Unknown command line flag 'bogus'"),
+    (['--config=configs/demo.py', 'stray'], 'unexpected arguments: stray'),
+    (['--config={raises}'], '--config: {raises} line 2: ValueError: no such recipe'),
+    (['--config={broken}'], '--config: {broken} line 1: SyntaxError: '),
+])
+def test_command_lines_end_a_bad_flag_or_config_file_in_one_line(tmp_path, args, message):
+  """main.py and `python -m ssast_jax.plan` parse alike (ssast_jax/config/command_line.py)."""
+  files = {'raises': tmp_path / 'raises.py', 'broken': tmp_path / 'broken.py'}
+  files['raises'].write_text('def get_config():\n  raise ValueError("no such recipe")\n')
+  files['broken'].write_text('def get_config(:\n')
+  args = [a.format(**files) for a in args]
+  main = _run_main(*args, f'--workdir={tmp_path / "run"}')
+  plan = subprocess.run([sys.executable, '-m', 'ssast_jax.plan', *args, '--target=v5e-8'],
+                        capture_output=True, text=True, cwd=ROOT, check=False)
+  for result in (main, plan):
+    assert result.returncode == 2 and result.stdout == '', result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: ' + message.format(**files)), lines
+  assert not (tmp_path / 'run').exists()
+
+
 def test_main_cluster_detection_counts_slurm_tasks():
   code = 'import main; print(main._cluster_process_count())'
   base = {k: v for k, v in os.environ.items() if not k.startswith(('SLURM_', 'OMPI_'))}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 from ssast_jax import accelerators
 
@@ -22,6 +21,8 @@ accelerators.use_compile_backends()  # before JAX is imported
 
 from absl import app, flags  # noqa: E402  pylint: disable=wrong-import-position
 from ml_collections import config_flags  # noqa: E402  pylint: disable=wrong-import-position
+
+from ssast_jax.config import command_line  # noqa: E402  pylint: disable=wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'The run config file.',
                                           lock_config=True)
@@ -147,8 +148,7 @@ def main(argv):
         records.append(plan_compile.plan_run(config, target, devices,
                                              with_eval=not _NO_EVAL.value, **options))
   except (ConfigError, accelerators.TargetError) as error:
-    print(f'error: {error}', file=sys.stderr)
-    sys.exit(2)
+    command_line.fail(str(error))
   print(HEADER)
   for record in records:
     print(_line(record) + (' <- fastest' if record.get('fastest') else ''))
@@ -162,4 +162,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=command_line.parse_flags)
