@@ -136,10 +136,10 @@ def parse(name: str) -> Target:
       chip, size = CHIPS[kind], int(tpu.group(3))
       chips = size // chip.cores_per_chip_in_name
       if size % chip.cores_per_chip_in_name or not _tpu_shape(chip, chips):
-        per_chip = chip.cores_per_chip_in_name
+        sizes = [chip.cores_per_chip_in_name * 2 ** i for i in range(8)
+                 if _tpu_shape(chip, 2 ** i)][:4]
         raise TargetError(f'target {name!r}: no {chip.name} slice of that size (sizes are '
-                          f'powers of two: {kind}-{per_chip * (4 if per_chip > 1 else 1)}, '
-                          f'{kind}-{per_chip * 8}, ...)')
+                          f'powers of two: {", ".join(f"{kind}-{n}" for n in sizes)}, ...)')
       return Target(name, chip, chips, slices=int(tpu.group(1) or 1))
   known = ', '.join(f'{k}-N' if c.platform == 'tpu' else f'{k}[xN|:HxN]'
                     for k, c in CHIPS.items())

@@ -170,7 +170,9 @@ def test_the_command_prints_a_table_and_json():
      r'batch_size must be divisible by grad_accum_steps x device count = 4'),
     (('--target=v5e-4', '--config.fsdp=3'), r'fsdp is 3, which does not divide the 4 devices'),
     (('--target=v100x2', '--config.dtype=bfloat16'), r'set --config.dtype=float32'),
-    (('--target=v5e-6',), r"no TPU v5e slice of that size"),
+    (('--target=v5e-6',), r"no TPU v5e slice of that size \(sizes are powers of two: "
+                          r"v5e-1, v5e-2, v5e-4, v5e-8, ...\)"),
+    (('--target=v5p-12',), r"sizes are powers of two: v5p-8, v5p-16, v5p-32, v5p-64, ...\)"),
 ])
 def test_a_config_that_cannot_run_there_ends_in_one_line(args, message):
   out = _cli(*args)
